@@ -1,0 +1,136 @@
+"""`celery-obs`: the command line. Parses flags and environment at the edge, then runs a command.
+
+    celery-obs exporter --broker-url redis://host:6379/0     watch a cluster, serve /metrics
+    celery-obs demo                                           embedded cluster + exporter
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+
+from .config import ExporterConfig, add_exporter_arguments, config_from_args
+from .service import Exporter, package_version
+from .webconfig import WebConfigError
+
+log = logging.getLogger("celery_obs")
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="celery-obs",
+        description="Observability for existing Celery clusters: attach by broker URL.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    exporter = commands.add_parser(
+        "exporter", help="Consume the cluster's events and serve Prometheus metrics.",
+        description="Consume a Celery cluster's events (celeryev) and serve Prometheus metrics "
+                    "on /metrics and a health check on /healthz.",
+    )  # fmt: skip
+    add_exporter_arguments(exporter, environ, broker_default=None)
+
+    demo = commands.add_parser(
+        "demo", help="Run an embedded demo cluster plus the exporter (no services needed).",
+        description="Run an in-process worker and a small task load on the memory:// transport "
+                    "(or on --broker-url) together with the exporter.",
+    )  # fmt: skip
+    add_exporter_arguments(demo, {}, broker_default="memory://")
+    demo.add_argument("--tasks-per-second", type=float, default=10.0, metavar="N",
+                      help="Demo load: tasks sent per second [default 10]")  # fmt: skip
+    return parser
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # kombu warns on every memory:// connection that no hostname was given; it means nothing here.
+    logging.getLogger("kombu.connection").setLevel(logging.ERROR)
+
+
+def wait_for_signal() -> None:
+    """Block until SIGTERM or SIGINT."""
+    stop = threading.Event()
+
+    def handle(signum: int, _frame: object) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    while not stop.wait(1.0):
+        pass
+
+
+class StartupError(Exception):
+    """A configuration problem found before anything started; the message is for the user."""
+
+
+def start_exporter(config: ExporterConfig) -> Exporter:
+    try:
+        exporter = Exporter(config)
+    except WebConfigError as exc:
+        raise StartupError(f"invalid --web.config.file: {exc}") from None
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {config.listen_address}: {exc}") from None
+    exporter.start()
+    return exporter
+
+
+def run_exporter(config: ExporterConfig) -> int:
+    exporter = start_exporter(config)
+    print(f"celery-obs exporter: watching {config.safe_broker_url}; "
+          f"metrics at {exporter.url}/metrics", flush=True)  # fmt: skip
+    wait_for_signal()
+    exporter.stop()
+    return 0
+
+
+def run_demo(config: ExporterConfig, tasks_per_second: float) -> int:
+    from .demo import DEMO_QUEUES, DemoCluster
+
+    config = ExporterConfig(**{**config.__dict__, "queues": config.queues or DEMO_QUEUES})
+    if config.log_level != "debug":
+        # The embedded worker logs every task (and the demo's deliberate failures) at INFO/ERROR.
+        logging.getLogger("celery").setLevel(logging.CRITICAL)
+    cluster = DemoCluster(config.broker_url, tasks_per_second=tasks_per_second)
+    exporter = start_exporter(config)
+    cluster.start()
+    print(f"celery-obs demo: worker {cluster.hostname} running {tasks_per_second:g} tasks/s "
+          f"on {config.safe_broker_url}", flush=True)  # fmt: skip
+    print(f"celery-obs demo: metrics at {exporter.url}/metrics (Ctrl-C to stop)", flush=True)
+    wait_for_signal()
+    cluster.stop()
+    exporter.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    environ = os.environ if environ is None else environ
+    parser = build_parser(environ)
+    args = parser.parse_args(argv)
+    if args.command == "exporter" and not args.broker_url:
+        parser.error("exporter: --broker-url (or CELERY_OBS_BROKER_URL / CELERY_BROKER_URL) "
+                     "is required")  # fmt: skip
+    config = config_from_args(args)
+    setup_logging(config.log_level)
+    try:
+        if args.command == "demo":
+            return run_demo(config, args.tasks_per_second)
+        return run_exporter(config)
+    except StartupError as exc:
+        print(f"celery-obs: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

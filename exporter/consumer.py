@@ -1,0 +1,179 @@
+"""Own the broker connection and feed every event on the celeryev exchange to the tracker.
+
+kombu directly, not celery's `Receiver`: messages arrive raw (`on_message`), are decoded by
+`events.EventDecoder` (json/msgpack only, never pickle) and handed to the tracker under the lock
+the collector also takes. A broker error never ends the process: the consumer reports itself
+disconnected, waits with capped exponential backoff and connects again, forever.
+
+On RabbitMQ the event queue is ours to declare, so it outlives a dropped connection (`expires`
+instead of `auto_delete`: events published while we reconnect wait for us), holds messages for
+`event_queue_ttl` and is bounded by `x-max-length`. On Redis events travel by pub/sub and nothing
+waits for a disconnected subscriber; a restart there is counted as a reconnect.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery.events.event import get_exchange
+from kombu import Connection, Consumer, Queue
+from kombu.message import Message
+
+from .events import EventDecoder, MalformedMessage
+from .tracker import Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BrokerStatus:
+    """What `/healthz` and the self-metrics report about the consumer; written by its thread."""
+
+    broker: str = ""  # sanitised URL: never the password
+    connected: bool = False
+    reconnects: int = 0
+    last_error: str = ""
+    disconnected_at: float = field(default_factory=time.monotonic)
+    last_poll: float = 0.0  # monotonic time of the consumer loop's last turn
+
+    def health(self, now: float | None = None, stall_after: float = 30.0) -> tuple[bool, str]:
+        now = time.monotonic() if now is None else now
+        if not self.connected:
+            down = now - self.disconnected_at
+            reason = f": {self.last_error}" if self.last_error else ""
+            return False, f"not connected to {self.broker} for {down:.0f}s{reason}"
+        if now - self.last_poll > stall_after:
+            return False, f"consumer stalled: no poll for {now - self.last_poll:.0f}s"
+        return True, f"ok: connected to {self.broker}, consuming events"
+
+
+@dataclass(frozen=True)
+class EventQueueOptions:
+    prefix: str = "celeryev"
+    ttl: float = 60.0
+    expires: float = 300.0
+    max_length: int = 500_000
+
+
+class EventConsumer:
+    """Consume the event exchange in a thread until `stop()`; reconnect on any broker error."""
+
+    def __init__(
+        self,
+        connect: Callable[[], Connection],
+        tracker: Tracker,
+        lock: threading.Lock,
+        status: BrokerStatus,
+        queue_options: EventQueueOptions | None = None,
+        on_connected: Callable[[], None] | None = None,
+        backoff_cap: float = 5.0,
+        poll_timeout: float = 1.0,
+    ) -> None:
+        self._connect = connect
+        self._tracker = tracker
+        self._lock = lock
+        self.status = status
+        self._queue_options = queue_options or EventQueueOptions()
+        self._on_connected = on_connected
+        self._backoff_cap = backoff_cap
+        self._poll_timeout = poll_timeout
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="event-consumer", daemon=True)
+        # One name for the life of the process, so a reconnect finds the queue it left.
+        self._queue_name = f"{self._queue_options.prefix}.celery-obs.{uuid.uuid4()}"
+        self._decoder = EventDecoder(on_malformed=tracker.count_malformed)
+        self._sessions = 0  # successful connections so far; all but the first are reconnects
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        self._thread.join(timeout)
+
+    # -- message path -------------------------------------------------------------------------
+
+    def on_message(self, message: Message) -> None:
+        with self._lock:
+            try:
+                events = self._decoder.decode(message.body, message.content_type)
+            except MalformedMessage as exc:
+                self._tracker.count_malformed(exc.reason)
+                log.debug("skipped malformed event message: %s", exc)
+                return
+            self._tracker.handle_all(events)
+
+    # -- connection lifecycle -----------------------------------------------------------------
+
+    def _event_queue(self, connection: Connection) -> Queue:
+        options = self._queue_options
+        arguments: dict[str, Any] = {}
+        if connection.transport.driver_type == "amqp":
+            arguments = {"x-max-length": options.max_length, "x-overflow": "drop-head"}
+        return Queue(
+            self._queue_name,
+            exchange=get_exchange(connection),
+            routing_key="#",
+            durable=False,
+            auto_delete=False,
+            message_ttl=options.ttl,
+            expires=options.expires,
+            queue_arguments=arguments,
+        )
+
+    def _run(self) -> None:
+        delay = 0.5
+        while not self._stopping.is_set():
+            self.status.last_poll = time.monotonic()
+            try:
+                with self._connect() as connection:
+                    connection.ensure_connection(max_retries=1)
+                    delay = 0.5
+                    self._consume(connection)
+            except Exception as exc:  # every broker failure is survivable: report, back off, retry
+                self._disconnected(exc)
+                if self._stopping.wait(delay):
+                    break
+                delay = min(delay * 2, self._backoff_cap)
+        self.status.connected = False
+
+    def _consume(self, connection: Connection) -> None:
+        channel = connection.channel()
+        queue = self._event_queue(connection)
+        with Consumer(channel, queues=[queue], on_message=self.on_message, no_ack=True):
+            self.status.connected = True
+            self.status.last_error = ""
+            if self._sessions:
+                self.status.reconnects += 1
+            self._sessions += 1
+            log.info("consuming events from %s", self.status.broker)
+            if self._on_connected is not None:
+                self._on_connected()
+            heartbeat_check = connection.heartbeat_check if connection.heartbeat else None
+            while not self._stopping.is_set():
+                self.status.last_poll = time.monotonic()
+                try:
+                    connection.drain_events(timeout=self._poll_timeout)
+                except socket.timeout:
+                    pass
+                if heartbeat_check is not None:
+                    heartbeat_check()
+
+    def _disconnected(self, exc: BaseException) -> None:
+        was_connected = self.status.connected
+        self.status.connected = False
+        self.status.last_error = f"{type(exc).__name__}: {exc}"
+        if was_connected:
+            self.status.disconnected_at = time.monotonic()
+            log.warning("lost the broker %s: %s; reconnecting", self.status.broker,
+                        self.status.last_error)  # fmt: skip
+        else:
+            log.warning("cannot connect to the broker %s: %s", self.status.broker,
+                        self.status.last_error)  # fmt: skip

@@ -1,0 +1,98 @@
+"""Decode raw event messages into the event dicts Celery's own receiver would produce.
+
+This is the hot path, so it avoids kombu's serializer registry and celery's `Receiver`: a body is
+decoded with `json.loads` (or msgpack) by content type, a list body (workers batch task events as
+`task.multi`) is flattened, and each event's `timestamp` is adjusted to this host's UTC offset
+exactly as `celery.events.receiver.Receiver.event_from_message` does. Any other content type,
+pickle above all, is refused unread: the exporter must never unpickle what is on a shared broker.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery.utils.time import utcoffset as celery_utcoffset
+
+Event = dict[str, Any]
+
+try:  # msgpack is optional: only clusters configured with event_serializer='msgpack' need it.
+    import msgpack
+
+    _msgpack_loads: Callable[[bytes], Any] | None = msgpack.unpackb
+except ImportError:  # pragma: no cover - depends on the environment
+    _msgpack_loads = None
+
+
+class MalformedMessage(ValueError):
+    """A message (or an event inside it) that cannot be used; `reason` is a short label."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def _loads_json(body: bytes | str) -> Any:
+    return json.loads(body)
+
+
+DECODERS: dict[str, Callable[[Any], Any]] = {"application/json": _loads_json}
+if _msgpack_loads is not None:
+    DECODERS["application/x-msgpack"] = _msgpack_loads
+
+
+class EventDecoder:
+    """Turn (body, content_type) into a list of event dicts.
+
+    Events that are not dicts with a string `type` are skipped and reported through
+    `on_malformed(reason)` so one bad event in a batch does not cost the others.
+    """
+
+    def __init__(
+        self,
+        on_malformed: Callable[[str], None],
+        now: Callable[[], float] = time.time,
+        utcoffset: Callable[[], float] = celery_utcoffset,
+    ) -> None:
+        self._on_malformed = on_malformed
+        self._now = now
+        self._utcoffset = utcoffset
+        self._offset_here = utcoffset()
+        self._offset_checked = 0.0
+
+    def _here(self, now: float) -> float:
+        # The local offset only changes at DST switches: look it up once a minute, not per event.
+        if now - self._offset_checked > 60.0:
+            self._offset_here = self._utcoffset()
+            self._offset_checked = now
+        return self._offset_here
+
+    def decode(self, body: bytes | str, content_type: str | None) -> list[Event]:
+        decoder = DECODERS.get(content_type or "")
+        if decoder is None:
+            raise MalformedMessage("content_type", repr(content_type))
+        try:
+            payload = decoder(body)
+        except Exception as exc:  # any decoder error means the same thing: unusable body
+            raise MalformedMessage("decode", f"{type(exc).__name__}: {exc}") from None
+        items = payload if isinstance(payload, list) else [payload]
+        now = self._now()
+        here = self._here(now)
+        events: list[Event] = []
+        for item in items:
+            if not isinstance(item, dict) or not isinstance(item.get("type"), str):
+                self._on_malformed("not_an_event")
+                continue
+            offset = item.get("utcoffset")
+            timestamp = item.get("timestamp")
+            if offset is not None and timestamp is not None:
+                try:
+                    item["timestamp"] = timestamp - (offset - here) * 3600
+                except TypeError:
+                    self._on_malformed("bad_timestamp")
+                    continue
+            item["local_received"] = now
+            events.append(item)
+        return events

@@ -1,0 +1,100 @@
+"""Wire the stages together: consumer -> tracker -> collector -> http, plus the background probes.
+
+`Exporter` owns the threads and nothing else; each stage stays testable on its own. The registry
+is injected (a fresh `CollectorRegistry` by default, never the process-global one).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+
+from kombu import Connection
+from prometheus_client import CollectorRegistry
+
+from .collector import CeleryCollector
+from .config import ExporterConfig
+from .consumer import BrokerStatus, EventConsumer
+from .control import WorkerControl
+from .http import MetricsServer, parse_listen_address
+from .queues import QueueLengths, QueueProbe
+from .tracker import Tracker
+from .webconfig import load_web_config
+
+log = logging.getLogger(__name__)
+
+
+def package_version() -> str:
+    try:
+        return version("celery-observability")
+    except PackageNotFoundError:  # running from a source tree that was not installed
+        return "unknown"
+
+
+class Exporter:
+    def __init__(
+        self,
+        config: ExporterConfig,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        # Parse everything that can be wrong before any thread starts: errors surface at startup.
+        web_config = load_web_config(config.web_config_file) if config.web_config_file else None
+        address = parse_listen_address(config.listen_address)
+
+        self.lock = threading.Lock()
+        self.tracker = Tracker(config.limits, clock=clock)
+        self.status = BrokerStatus(broker=config.safe_broker_url)
+        self.queue_lengths = QueueLengths()
+        self.control = WorkerControl(
+            config.broker_url, dict(config.transport_options),
+            enable_events=config.enable_events, interval=config.enable_events_interval,
+        )  # fmt: skip
+        self.consumer = EventConsumer(
+            self.connect, self.tracker, self.lock, self.status,
+            queue_options=config.event_queue, on_connected=self.control.poke,
+        )  # fmt: skip
+        self.probe = QueueProbe(
+            self.connect, self._queue_names, self.queue_lengths, config.queue_poll_interval,
+        )  # fmt: skip
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.registry.register(
+            CeleryCollector(self.tracker, self.lock, self.status, self.queue_lengths,
+                            package_version())  # fmt: skip
+        )
+        self.server = MetricsServer(address, self.registry, self.status.health, web_config)
+
+    def connect(self) -> Connection:
+        return Connection(
+            self.config.broker_url,
+            transport_options=dict(self.config.transport_options),
+            connect_timeout=5,
+            heartbeat=10,
+        )
+
+    def _queue_names(self) -> set[str]:
+        with self.lock:
+            seen = set(self.tracker.seen_queues)
+        return seen | set(self.config.queues)
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def start(self) -> None:
+        self.server.serve_in_thread()
+        self.consumer.start()
+        self.control.start()
+        self.probe.start()
+        log.info("watching %s; serving %s/metrics", self.config.safe_broker_url, self.url)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.consumer.stop()
+        self.probe.stop()
+        self.control.stop()
