@@ -41,7 +41,12 @@ _BIT = {
     "task-failed": 16, "task-retried": 32, "task-revoked": 64, "task-rejected": 128,
 }  # fmt: skip
 
-_EXCEPTION_CLASS = re.compile(r"[A-Za-z_][\w.]*")
+#: Producers are taken not to send task-sent events after this long without one.
+SENT_EVENTS_ABSENT_AFTER = 300.0
+
+_CALL_REPR = re.compile(r"([A-Za-z_][\w.]*)\(")
+_TRACEBACK_TAIL = re.compile(r"([A-Za-z_][\w.]*)(?::|$)")
+_WRAPPERS = frozenset({"ExceptionWithTraceback", "ExceptionInfo"})
 _NOT_REGISTERED = re.compile(r"NotRegistered\((['\"])(.+)\1\)")
 
 
@@ -55,6 +60,8 @@ class Limits:
     max_workers: int = 2000
     max_tracked_tasks: int = 100_000
     max_finished_tasks: int = 20_000
+    #: How long a task's worker-side events wait for its task-sent (which may arrive later).
+    sent_grace: float = 1.0
     worker_timeout: float = 10.0
     worker_retention: float = 3600.0
     buckets: tuple[float, ...] = DEFAULT_BUCKETS
@@ -94,7 +101,8 @@ class Histogram:
 
 class TaskRecord:
     __slots__ = (
-        "eta", "name", "queue", "received", "retries", "seen", "sent", "started", "waited",
+        "eta", "name", "pending", "queue", "received", "retries", "seen", "sent", "started",
+        "waited",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -107,6 +115,8 @@ class TaskRecord:
         self.eta: float | None = None
         self.seen = 0
         self.waited = False
+        #: Events held back until this task's task-sent (which carries the queue) arrives.
+        self.pending: list[Event] | None = None
 
     def new_attempt(self, retries: int) -> None:
         self.retries = retries
@@ -147,12 +157,23 @@ def parse_eta(value: object) -> float | None:
     return parsed.timestamp()
 
 
-def exception_class(exception: object) -> str:
-    """`"ValueError('boom')"` -> `"ValueError"`: the class name out of Celery's safe_repr."""
+def exception_class(exception: object, traceback: object = None) -> str:
+    """The exception's class name, e.g. `"ValueError('boom')"` -> `"ValueError"`.
+
+    Celery's `exception` field is a safe_repr, usually `Class(args)`. Some failures repr
+    differently (`Reject` as `reject requeue=False: ...`; a hard time limit in Celery 5.7 as
+    `ExceptionWithTraceback()`), and then the traceback's closing `module.Class: message` line
+    names the real class.
+    """
     if isinstance(exception, str):
-        match = _EXCEPTION_CLASS.match(exception)
-        if match:
-            return match.group(0)
+        match = _CALL_REPR.match(exception)
+        if match and match.group(1) not in _WRAPPERS:
+            return match.group(1).rpartition(".")[2]
+    if isinstance(traceback, str):
+        for line in reversed(traceback.rstrip().splitlines()[-5:]):
+            match = _TRACEBACK_TAIL.match(line)
+            if match:
+                return match.group(1).rpartition(".")[2]
     return UNKNOWN_LABEL
 
 
@@ -177,6 +198,11 @@ class Tracker:
         self.inflight: OrderedDict[str, TaskRecord] = OrderedDict()
         self.finished: OrderedDict[str, TaskRecord] = OrderedDict()
         self.workers: dict[str, WorkerRecord] = {}
+        #: uuid -> (deadline, record) for tasks whose events are parked waiting for task-sent.
+        self.waiting: OrderedDict[str, tuple[float, TaskRecord]] = OrderedDict()
+        #: When the last task-sent arrived; parking only makes sense while producers send them,
+        #: which is assumed at startup until 5 minutes pass without one.
+        self.last_sent_at = clock()
         #: Queue names seen in task-sent events, for the queue length probe.
         self.seen_queues: set[str] = set()
 
@@ -207,10 +233,60 @@ class Tracker:
     def handle(self, event: Event) -> None:
         kind = self.event_types(event.get("type"))
         self.events_by_type[kind] = self.events_by_type.get(kind, 0) + 1
-        self.last_event_at = self.clock()
+        now = self.last_event_at = self.clock()
+        if self.waiting:
+            self.release_expired(now)
         handler = self._handlers.get(kind)
-        if handler is not None:
+        if handler is None:
+            return
+        if kind == "task-sent":
+            self.last_sent_at = now
             handler(event)
+            parked = self.waiting.pop(event.get("uuid"), None)  # type: ignore[arg-type]
+            if parked is not None:
+                self._replay(parked[1])
+        elif not (kind in _BIT and self._park(event, now)):
+            handler(event)
+
+    def _park(self, event: Event, now: float) -> bool:
+        """Hold a worker-side event back while its task's task-sent may still be on the way.
+
+        The producer publishes task-sent just after the task message, so a quick worker's
+        task-received (and more) often reaches us first; counting it at once would label it
+        `queue_name="unknown"`. While the cluster's producers send task-sent events, a task's
+        events wait up to `sent_grace` for it, then are counted with what is known.
+        """
+        if now - self.last_sent_at > SENT_EVENTS_ABSENT_AFTER:
+            return False
+        uuid = event.get("uuid")
+        record = self.inflight.get(uuid) if isinstance(uuid, str) else None  # type: ignore[arg-type]
+        if record is None:
+            if not isinstance(uuid, str) or uuid in self.finished:
+                return False
+            record = self._record(event)
+            assert record is not None
+        elif record.pending is None and (record.queue is not None or record.seen & 1):
+            return False
+        if record.pending is None:
+            record.pending = []
+            self.waiting[uuid] = (now + self.limits.sent_grace, record)  # type: ignore[index]
+        record.pending.append(event)
+        return True
+
+    def _replay(self, record: TaskRecord) -> None:
+        pending, record.pending = record.pending or [], None
+        for event in pending:
+            self._handlers[event["type"]](event)
+
+    def release_expired(self, now: float | None = None) -> None:
+        """Count parked events whose task-sent did not come within the grace period."""
+        now = self.clock() if now is None else now
+        while self.waiting:
+            uuid, (deadline, record) = next(iter(self.waiting.items()))
+            if deadline > now:
+                break
+            del self.waiting[uuid]
+            self._replay(record)
 
     def handle_all(self, events: Iterable[Event]) -> None:
         for event in events:
@@ -376,7 +452,7 @@ class Tracker:
             if unknown:  # an unknown task's only event: its name is in the exception
                 record.name = self.task_names(unknown.group(2))
         name, queue = self._labels(record)
-        self._count("task-failed", (name, queue, self.exceptions(exception_class(exception))))
+        self._count("task-failed", (name, queue, self.exceptions(exception_class(exception, event.get("traceback")))))
         self._observe_end(record, event, "failed")
         self._finish(event)
 
@@ -384,9 +460,9 @@ class Tracker:
         record = self._record(event)
         if record is None or not self._first(record, "task-retried"):
             return
+        # No reset here: in prefork the retry's task-sent/-received (retries + 1, published by
+        # the pool child) usually arrive before this event (sent by the main process).
         self._count("task-retried", self._labels(record))
-        # The next attempt arrives with retries + 1; until it does, keep the duplicate guard.
-        record.seen = _BIT["task-retried"]
 
     def _on_revoked(self, event: Event) -> None:
         record = self._record(event)
@@ -444,6 +520,7 @@ class Tracker:
     def worker_views(self) -> list[WorkerView]:
         """Liveness as of now; drops workers that have been down for the retention period."""
         now = self.clock()
+        self.release_expired(now)
         timeout, retention = self.limits.worker_timeout, self.limits.worker_retention
         views = []
         for hostname, worker in list(self.workers.items()):

@@ -1,0 +1,58 @@
+"""The Celery app the real-broker tests run in a real `celery worker` process.
+
+Broker and queue come from the environment so each test can point it at its own Redis database
+or RabbitMQ vhost. Every task exists to produce one kind of lifecycle the exporter must count.
+"""
+
+import os
+import time
+
+from celery import Celery
+from celery.exceptions import Reject
+
+app = Celery("obs_test", broker=os.environ.get("OBS_TEST_BROKER", "redis://127.0.0.1:6379/15"))
+app.conf.update(
+    task_send_sent_event=True,
+    worker_send_task_events=True,
+    task_default_queue=os.environ.get("OBS_TEST_QUEUE", "obs_test"),
+    task_ignore_result=True,
+    broker_connection_retry_on_startup=True,
+    worker_prefetch_multiplier=1,
+    worker_hijack_root_logger=False,
+)
+
+
+class PaymentDeclined(Exception):
+    pass
+
+
+@app.task(name="obs.add")
+def add(x, y):
+    return x + y
+
+
+@app.task(name="obs.fail_value")
+def fail_value():
+    raise ValueError("bad value")
+
+
+@app.task(name="obs.fail_payment")
+def fail_payment():
+    raise PaymentDeclined("declined")
+
+
+@app.task(name="obs.retry_once", bind=True, max_retries=3)
+def retry_once(self):
+    if self.request.retries == 0:
+        raise self.retry(countdown=0.1)
+    return "ok"
+
+
+@app.task(name="obs.sleep", time_limit=1)
+def sleep(seconds):
+    time.sleep(seconds)
+
+
+@app.task(name="obs.reject", acks_late=True)
+def reject():
+    raise Reject("not for us", requeue=False)
