@@ -1,0 +1,112 @@
+"""Fixtures for the real-component tests: isolated broker namespaces and process factories.
+
+Each Redis test gets its own (flushed) database, which isolates pub/sub events too, since kombu
+prefixes fanout channels with the database number. RabbitMQ tests share one vhost made for the
+session and use a queue name of their own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+from kombu import Connection
+
+from support import ExporterProcess, WorkerProcess
+
+REDIS_BASE = "redis://127.0.0.1:6379"
+AMQP_BASE = "amqp://guest:guest@127.0.0.1:5672"
+#: A RabbitMQ user made for the session, so tests can check its password never leaks.
+AMQP_USER, AMQP_PASSWORD = "celery-obs-test", "s3cret-Pa55"
+_redis_databases = itertools.cycle(range(1, 16))
+
+
+def _require(url: str, how_to_start: str) -> None:
+    try:
+        with Connection(url, connect_timeout=3) as connection:
+            connection.ensure_connection(max_retries=1)
+    except Exception as exc:
+        pytest.fail(f"{url} is not reachable ({exc}); start it with: {how_to_start}")
+
+
+@pytest.fixture(scope="session")
+def redis_available() -> None:
+    _require(f"{REDIS_BASE}/0", "redis-server --daemonize yes --bind 127.0.0.1 --port 6379")
+
+
+@pytest.fixture(scope="session")
+def rabbit_vhost() -> Iterator[str]:
+    _require(f"{AMQP_BASE}//", "rabbitmq-server -detached")
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:  # a RabbitMQ we cannot administer: share the default vhost
+        yield ""
+        return
+    vhost = f"celery-obs-test-{uuid.uuid4().hex[:8]}"
+    subprocess.run([ctl, "add_vhost", vhost], check=True, capture_output=True)
+    subprocess.run([ctl, "add_user", AMQP_USER, AMQP_PASSWORD], capture_output=True)
+    for user in ("guest", AMQP_USER):
+        subprocess.run([ctl, "set_permissions", "-p", vhost, user, ".*", ".*", ".*"],
+                       check=True, capture_output=True)  # fmt: skip
+    yield vhost
+    subprocess.run([ctl, "delete_vhost", vhost], capture_output=True)
+    subprocess.run([ctl, "delete_user", AMQP_USER], capture_output=True)
+
+
+@pytest.fixture
+def redis_url(redis_available: None) -> str:
+    db = next(_redis_databases)
+    redis.Redis(host="127.0.0.1", port=6379, db=db).flushdb()
+    return f"{REDIS_BASE}/{db}"
+
+
+@pytest.fixture
+def amqp_url(rabbit_vhost: str) -> str:
+    return f"{AMQP_BASE}/{rabbit_vhost}"
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def broker_url(request: pytest.FixtureRequest) -> str:
+    return request.getfixturevalue(f"{request.param}_url")
+
+
+@pytest.fixture
+def queue() -> str:
+    return f"obs_{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def start_exporter() -> Iterator[Callable[..., ExporterProcess]]:
+    started: list[ExporterProcess] = []
+
+    def start(broker_url: str, *flags: str, healthy: bool = True, **kwargs) -> ExporterProcess:
+        exporter = ExporterProcess(broker_url, "--worker-timeout", "3",
+                                   "--queue-poll-interval", "0.5", *flags, **kwargs)  # fmt: skip
+        started.append(exporter)
+        if healthy:
+            exporter.wait_healthy()
+        return exporter
+
+    yield start
+    for exporter in started:
+        exporter.close()
+
+
+@pytest.fixture
+def start_worker() -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def start(broker_url: str, queue: str, name: str = "obs", *flags: str,
+              **kwargs) -> WorkerProcess:  # fmt: skip
+        worker = WorkerProcess(broker_url, queue, f"{name}-{uuid.uuid4().hex[:6]}", *flags,
+                               **kwargs)  # fmt: skip
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.close()

@@ -1,0 +1,170 @@
+"""Helpers for the real-component tests: processes, scrapes, polling with deadlines."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from celery import Celery
+from prometheus_client.parser import text_string_to_metric_families
+
+TESTS = Path(__file__).resolve().parent
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 30.0, what: str = "condition",
+             interval: float = 0.1) -> T:  # fmt: skip
+    """Poll `predicate` until it returns something truthy; fail with the last value at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {value!r}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Scrape:
+    """One parsed /metrics response."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.samples: dict[str, dict[frozenset, float]] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                series = self.samples.setdefault(sample.name, {})
+                series[frozenset(sample.labels.items())] = sample.value
+
+    def value(self, metric: str, /, **labels: str) -> float | None:
+        return self.samples.get(metric, {}).get(frozenset(labels.items()))
+
+    def series(self, name: str, *label_names: str) -> dict[tuple[str, ...], float]:
+        """{label values in the given order: value} for one metric."""
+        return {
+            tuple(dict(labels)[n] for n in label_names): value
+            for labels, value in self.samples.get(name, {}).items()
+        }
+
+
+def http_get(url: str, headers: dict[str, str] | None = None,
+             context: ssl.SSLContext | None = None, timeout: float = 5.0) -> tuple[int, str]:  # fmt: skip
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+class Process:
+    """A child process whose output goes to a temp file, stopped on close."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:  # fmt: skip
+        self.log = tempfile.NamedTemporaryFile(prefix="celery-obs-test-", suffix=".log", delete=False)
+        self.args = args
+        self.proc = subprocess.Popen(
+            args, stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd,
+            env={**os.environ, **(env or {})}, start_new_session=True,
+        )  # fmt: skip
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signum)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.proc.wait(5)
+        self.log.close()
+        os.unlink(self.log.name)
+
+
+class ExporterProcess(Process):
+    def __init__(self, broker_url: str, *flags: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        super().__init__(
+            [sys.executable, "-m", "exporter", "exporter", "--broker-url", broker_url,
+             "--web.listen-address", f"127.0.0.1:{self.port}", *flags],
+            env=env,
+        )  # fmt: skip
+
+    def scrape(self) -> Scrape:
+        status, body = http_get(f"{self.base}/metrics")
+        assert status == 200, body
+        return Scrape(body)
+
+    def healthz(self) -> tuple[int, str]:
+        try:
+            return http_get(f"{self.base}/healthz")
+        except OSError as exc:  # not listening yet
+            return 0, str(exc)
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        def healthy() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"exporter exited {self.proc.returncode}:\n{self.output()}")
+            return self.healthz()[0] == 200
+
+        wait_for(healthy, timeout, "exporter /healthz 200")
+
+    def wait_value(self, metric: str, expected: float, /, timeout: float = 30.0,
+                   **labels: str) -> None:  # fmt: skip
+        wait_for(lambda: self.scrape().value(metric, **labels) == expected, timeout,
+                 f"{metric}{labels} == {expected}")  # fmt: skip
+
+
+class WorkerProcess(Process):
+    """A real `celery worker` (prefork) running tests/cluster_app.py."""
+
+    def __init__(self, broker_url: str, queue: str, name: str, *flags: str,
+                 events: bool = True) -> None:  # fmt: skip
+        self.hostname = f"{name}@{socket.gethostname()}"
+        super().__init__(
+            [sys.executable, "-m", "celery", "-A", "cluster_app", "worker", "-P", "prefork",
+             "-c", "2", "-Q", queue, "-n", self.hostname, "--without-mingle", "--without-gossip",
+             "-l", "INFO", *(["-E"] if events else []), *flags],
+            env={"OBS_TEST_BROKER": broker_url, "OBS_TEST_QUEUE": queue},
+            cwd=TESTS,
+        )  # fmt: skip
+
+
+def producer(broker_url: str, queue: str) -> Celery:
+    """A producer app like the user's: publishes by task name, with task-sent events."""
+    app = Celery("obs_producer", broker=broker_url, set_as_current=False)
+    app.conf.update(task_send_sent_event=True, task_default_queue=queue,
+                    task_ignore_result=True)  # fmt: skip
+    return app
+
+
+def send_many(app: Celery, calls: Iterable[tuple[str, tuple[Any, ...], dict[str, Any]]]) -> list[str]:
+    return [app.send_task(name, args, **options).id for name, args, options in calls]

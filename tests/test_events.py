@@ -1,0 +1,116 @@
+"""The decoding fast path gives what Celery's own Receiver gives, and never unpickles."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import msgpack
+import pytest
+from celery import Celery
+from celery.events import Event
+from celery.events.receiver import EventReceiver as Receiver
+
+from exporter.events import EventDecoder, MalformedMessage
+
+NOW = 1_700_000_000.0
+
+TASK_EVENTS = [
+    Event("task-sent", uuid="u1", name="a.b", args="()", kwargs="{}", retries=0, eta=None,
+          expires=None, queue="celery", exchange="", routing_key="celery", root_id="u1",
+          parent_id=None, hostname="gen1@producer", utcoffset=-5, pid=11, clock=3),
+    Event("task-received", uuid="u1", name="a.b", args="()", kwargs="{}", root_id="u1",
+          parent_id=None, retries=0, eta=None, expires=None, hostname="w@h", utcoffset=2, clock=9),
+    Event("task-started", uuid="u1", hostname="w@h", pid=12, utcoffset=0, clock=10),
+    Event("task-succeeded", uuid="u1", result="3", runtime=0.25, hostname="w@h", utcoffset=0),
+    Event("task-failed", uuid="u1", exception="ValueError('x')", traceback="Tb", hostname="w@h"),
+    Event("task-retried", uuid="u1", exception="Retry()", traceback="Tb", hostname="w@h"),
+    Event("task-revoked", uuid="u1", terminated=False, signum=None, expired=True, hostname="w@h"),
+    Event("task-rejected", uuid="u1", requeue=False, hostname="w@h"),
+    Event("worker-heartbeat", hostname="w@h", freq=2.0, active=1, processed=9,
+          loadavg=[0.1, 0.2, 0.3], sw_ident="py-celery", sw_ver="5.7.0", sw_sys="Linux"),
+]  # fmt: skip
+
+
+def celery_view(body: dict) -> dict:
+    """What celery's Receiver makes of one event body (clock aside: it is receiver state)."""
+    app = Celery(broker="memory://", set_as_current=False)
+    receiver = Receiver(app.connection_for_read(), app=app)
+    _, event = receiver.event_from_message(json.loads(json.dumps(body)), now=lambda: NOW)
+    event.pop("clock", None)
+    return event
+
+
+def decoder(malformed: list[str] | None = None) -> EventDecoder:
+    sink = malformed if malformed is not None else []
+    return EventDecoder(on_malformed=sink.append, now=lambda: NOW)
+
+
+def strip_clock(events: list[dict]) -> list[dict]:
+    for event in events:
+        event.pop("clock", None)
+    return events
+
+
+@pytest.mark.parametrize("body", TASK_EVENTS, ids=[e["type"] for e in TASK_EVENTS])
+def test_single_event_matches_celery_receiver(body: dict) -> None:
+    ours = strip_clock(decoder().decode(json.dumps(body).encode(), "application/json"))
+    assert ours == [celery_view(body)]
+
+
+def test_batched_list_matches_celery_receiver_event_by_event() -> None:
+    ours = strip_clock(decoder().decode(json.dumps(TASK_EVENTS).encode(), "application/json"))
+    assert ours == [celery_view(body) for body in TASK_EVENTS]
+
+
+def test_msgpack_bodies_decode_like_json() -> None:
+    packed = msgpack.packb(TASK_EVENTS)
+    ours = strip_clock(decoder().decode(packed, "application/x-msgpack"))
+    assert ours == [celery_view(body) for body in TASK_EVENTS]
+
+
+def test_timestamp_is_moved_to_this_hosts_utc_offset() -> None:
+    here_minus_sender = EventDecoder(on_malformed=print, now=lambda: NOW, utcoffset=lambda: 1.0)
+    [event] = here_minus_sender.decode(b'{"type":"x","timestamp":100.0,"utcoffset":3}',
+                                       "application/json")  # fmt: skip
+    assert event["timestamp"] == 100.0 - 2 * 3600
+    assert event["local_received"] == NOW
+
+
+def explode() -> None:
+    raise AssertionError("unpickled!")
+
+
+class Boom:
+    def __reduce__(self):  # unpickling this calls explode()
+        return (explode, ())
+
+
+def test_pickle_is_never_unpickled() -> None:
+    with pytest.raises(MalformedMessage) as caught:
+        decoder().decode(pickle.dumps(Boom()), "application/x-python-serialize")
+    assert caught.value.reason == "content_type"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "reason"),
+    [
+        (b"{not json", "application/json", "decode"),
+        (b"\xff\xfe", "application/json", "decode"),
+        (b"<xml/>", "application/xml", "content_type"),
+        (b"{}", None, "content_type"),
+    ],
+)
+def test_undecodable_bodies_raise_malformed(body: bytes, content_type: str, reason: str) -> None:
+    with pytest.raises(MalformedMessage) as caught:
+        decoder().decode(body, content_type)
+    assert caught.value.reason == reason
+
+
+def test_bad_items_in_a_batch_cost_only_themselves() -> None:
+    malformed: list[str] = []
+    body = json.dumps([{"type": "task-started", "uuid": "a"}, 42, {"no": "type"},
+                       {"type": "t", "timestamp": "x", "utcoffset": 1}]).encode()  # fmt: skip
+    events = decoder(malformed).decode(body, "application/json")
+    assert [e["uuid"] for e in events] == ["a"]
+    assert malformed == ["not_an_event", "not_an_event", "bad_timestamp"]
