@@ -1,0 +1,66 @@
+"""A private redis-server stopped and restarted under a running exporter and worker."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import tempfile
+
+import pytest
+
+from support import Process, free_port, producer, wait_for
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+def start_redis(port: int, directory: str) -> Process:
+    server = Process([shutil.which("redis-server") or "redis-server", "--port", str(port),
+                      "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                      "--dir", directory])  # fmt: skip
+    wait_for(lambda: "Ready to accept connections" in server.output(), 10, "redis-server ready")
+    return server
+
+
+def test_exporter_survives_a_redis_restart(queue, start_exporter, start_worker):
+    port, directory = free_port(), tempfile.mkdtemp(prefix="celery-obs-redis-")
+    url = f"redis://127.0.0.1:{port}/0"
+    server = start_redis(port, directory)
+    try:
+        exporter = start_exporter(url)
+        worker = start_worker(url, queue)
+        exporter.wait_value("celery_worker_up", 1, hostname=worker.hostname)
+        app = producer(url, queue)
+        for i in range(3):
+            app.send_task("obs.add", (i, i))
+        exporter.wait_value("celery_task_succeeded_total", 3, name="obs.add", queue_name=queue)
+
+        server.signal(signal.SIGKILL)
+        server.wait(5)
+
+        def outage_reported() -> str | None:
+            status, reason = exporter.healthz()
+            return reason if status == 503 else None
+
+        reason = wait_for(outage_reported, 15, "/healthz reporting the outage")
+        assert reason.startswith(f"not connected to {url} for ")
+        assert exporter.scrape().value("celery_exporter_broker_connected") == 0
+
+        server.close()
+        server = start_redis(port, directory)
+        exporter.wait_healthy(30)
+        scrape = exporter.scrape()
+        assert scrape.value("celery_exporter_broker_connected") == 1
+        assert scrape.value("celery_exporter_broker_reconnects_total") == 1
+        # Counters survive the outage.
+        assert scrape.value("celery_task_succeeded_total", name="obs.add", queue_name=queue) == 3
+
+        # The worker reconnects on its own; its events after the restart are counted.
+        exporter.wait_value("celery_worker_up", 1, timeout=60, hostname=worker.hostname)
+        app = producer(url, queue)
+        for i in range(2):
+            app.send_task("obs.add", (i, i))
+        exporter.wait_value("celery_task_succeeded_total", 5, timeout=30, name="obs.add",
+                            queue_name=queue)  # fmt: skip
+    finally:
+        server.close()
+        shutil.rmtree(directory, ignore_errors=True)

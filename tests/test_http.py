@@ -1,0 +1,239 @@
+"""`/metrics` and `/healthz` over real sockets: HTTPS with basic auth from a web-config file."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import http.client
+import shutil
+import ssl
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import bcrypt
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+
+from exporter.http import MetricsServer, parse_listen_address
+from exporter.webconfig import WebConfigError, load_web_config
+from support import ExporterProcess, free_port, http_get, wait_for
+
+PASSWORD = "correct horse"
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.fail("the openssl command is needed to make a test certificate")
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "server.crt", directory / "server.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def write_web_config(directory: Path, cert: Path, key: Path) -> Path:
+    # Go's htpasswd writes $2y$; the exporter-toolkit accepts it and so must we.
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
+    hashed = "$2y$" + hashed[4:]
+    path = directory / "web-config.yml"
+    path.write_text(
+        "tls_server_config:\n"
+        f"  cert_file: {cert.name}\n"  # relative to the config file, as the toolkit does
+        f"  key_file: {key.name}\n"
+        "  min_version: TLS12\n"
+        "http_server_config:\n"
+        "  headers:\n"
+        "    X-Content-Type-Options: nosniff\n"
+        "basic_auth_users:\n"
+        f"  prometheus: '{hashed}'\n"
+    )
+    return path
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    registry = CollectorRegistry()
+    Counter("celery_test_events", "A test counter.", registry=registry).inc(3)
+    return registry
+
+
+def serve(registry: CollectorRegistry, web_config=None, health=lambda: (True, "ok: fine")):
+    server = MetricsServer(("127.0.0.1", 0), registry, health, web_config)
+    server.serve_in_thread()
+    return server
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path, certificate, registry) -> Iterator[tuple[MetricsServer, ssl.SSLContext]]:
+    cert, key = certificate
+    for source in certificate:
+        shutil.copy(source, tmp_path / source.name)
+    server = serve(registry, load_web_config(str(write_web_config(tmp_path, cert, key))))
+    client = ssl.create_default_context(cafile=str(cert))
+    yield server, client
+    server.shutdown()
+    server.server_close()
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+def test_https_with_the_right_user_serves_metrics(tls_server) -> None:
+    server, client = tls_server
+    assert server.url.startswith("https://127.0.0.1:")
+    for _ in range(2):  # the second request takes the verified-credentials cache
+        status, body = http_get(f"{server.url}/metrics", basic("prometheus", PASSWORD), client)
+        assert status == 200
+        assert "celery_test_events_total 3.0" in body
+
+
+def test_wrong_or_missing_credentials_get_401(tls_server) -> None:
+    server, client = tls_server
+    for headers in ({}, basic("prometheus", "wrong"), basic("nobody", PASSWORD),
+                    {"Authorization": "Basic !!!notbase64"}):  # fmt: skip
+        status, body = http_get(f"{server.url}/metrics", headers, client)
+        assert (status, body) == (401, "Unauthorized\n")
+
+
+def test_plain_http_to_the_https_port_is_refused(tls_server) -> None:
+    server, _ = tls_server
+    port = server.server_address[1]
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    connection.request("GET", "/metrics", headers=basic("prometheus", PASSWORD))
+    response = connection.getresponse()
+    assert response.status == 400
+    assert response.read() == b"Client sent an HTTP request to an HTTPS server.\n"
+
+
+def test_configured_headers_are_sent(tls_server) -> None:
+    server, client = tls_server
+    connection = http.client.HTTPSConnection("127.0.0.1", server.server_address[1],
+                                             context=client, timeout=5)  # fmt: skip
+    connection.request("GET", "/healthz", headers=basic("prometheus", PASSWORD))
+    response = connection.getresponse()
+    assert response.getheader("X-Content-Type-Options") == "nosniff"
+    assert response.read() == b"ok: fine\n"
+
+
+def test_healthz_reports_503_with_a_reason_and_gzip_works(registry) -> None:
+    server = serve(registry, health=lambda: (False, "not connected to redis://h:6379// for 3s"))
+    try:
+        status, body = http_get(f"{server.url}/healthz")
+        assert (status, body) == (503, "not connected to redis://h:6379// for 3s\n")
+        connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=5)
+        connection.request("GET", "/metrics", headers={"Accept-Encoding": "gzip"})
+        response = connection.getresponse()
+        assert response.getheader("Content-Encoding") == "gzip"
+        assert b"celery_test_events_total 3.0" in gzip.decompress(response.read())
+        assert http_get(f"{server.url}/nope")[0] == 404
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_concurrent_scrapes(registry) -> None:
+    server = serve(registry)
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(http_get(f"{server.url}/metrics")[0]))
+               for _ in range(8)]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    server.shutdown()
+    server.server_close()
+    assert results == [200] * 8
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("tls_server_config: [", "not valid YAML"),
+        ("tls_server_config:\n  cert_file: a.crt\n", "needs both cert_file and key_file"),
+        ("tls_server_config:\n  cert_file: no.crt\n  key_file: no.key\n", "cannot load cert_file"),
+        ("basic_auth_users:\n  alice: plaintext\n", "basic_auth_users.alice must be a bcrypt hash"),
+        ("tls_server_cfg: {}\n", "unknown key(s) in the web config: tls_server_cfg"),
+        ("- a list\n", "the web config must be a mapping"),
+    ],
+)  # fmt: skip
+def test_malformed_web_config_is_a_clear_error(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "web.yml"
+    path.write_text(content)
+    with pytest.raises(WebConfigError) as caught:
+        load_web_config(str(path))
+    assert str(caught.value).startswith(str(path))
+    assert message in str(caught.value)
+
+
+def test_exporter_cli_serves_https_with_basic_auth(tmp_path: Path, certificate) -> None:
+    for source in certificate:
+        shutil.copy(source, tmp_path / source.name)
+    config = write_web_config(tmp_path, *certificate)
+    exporter = ExporterProcess("memory://", "--web.config.file", str(config))
+    try:
+        url = f"https://127.0.0.1:{exporter.port}"
+        client = ssl.create_default_context(cafile=str(certificate[0]))
+
+        def serving() -> bool:
+            try:
+                return http_get(f"{url}/healthz", basic("prometheus", PASSWORD), client)[0] == 200
+            except OSError:
+                return False
+
+        wait_for(serving, 30, "the exporter serving HTTPS")
+        status, body = http_get(f"{url}/metrics", basic("prometheus", PASSWORD), client)
+        assert status == 200 and "celery_exporter_broker_connected 1.0" in body
+        assert http_get(f"{url}/metrics", basic("prometheus", "nope"), client)[0] == 401
+        assert http_get(f"http://127.0.0.1:{exporter.port}/metrics") == (
+            400, "Client sent an HTTP request to an HTTPS server.\n")
+    finally:
+        exporter.close()
+
+
+def test_malformed_web_config_stops_the_cli_at_startup(tmp_path: Path) -> None:
+    path = tmp_path / "web.yml"
+    path.write_text("basic_auth_users:\n  alice: hunter2\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "exporter", "exporter", "--broker-url", "memory://",
+         "--web.listen-address", f"127.0.0.1:{free_port()}", "--web.config.file", str(path)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(
+        f"celery-obs: invalid --web.config.file: {path}: basic_auth_users.alice must be a "
+        "bcrypt hash ($2y$...)"
+    )
+
+
+def test_missing_web_config_file(tmp_path: Path) -> None:
+    with pytest.raises(WebConfigError, match="cannot read web config: No such file"):
+        load_web_config(str(tmp_path / "absent.yml"))
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [(":9808", ("0.0.0.0", 9808)), ("127.0.0.1:1", ("127.0.0.1", 1)), ("[::1]:80", ("::1", 80))],
+)
+def test_parse_listen_address(address: str, expected: tuple[str, int]) -> None:
+    assert parse_listen_address(address) == expected
+
+
+@pytest.mark.parametrize("address", ["9808", "host:", "h:99999", "h:x"])
+def test_bad_listen_address(address: str) -> None:
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_listen_address(address)
+
+
+def test_wait_for_reports_the_last_value() -> None:
+    with pytest.raises(AssertionError, match="waiting for nothing; last: 0"):
+        wait_for(lambda: 0, 0.05, "nothing")
