@@ -1,7 +1,7 @@
 """`celery-obs`: the command line. Parses flags and environment at the edge, then runs a command.
 
-    celery-obs exporter --broker-url redis://host:6379/0     watch a cluster, serve /metrics
-    celery-obs demo                                           embedded cluster + exporter
+celery-obs exporter --broker-url redis://host:6379/0     watch a cluster, serve /metrics
+celery-obs demo                                           embedded cluster + exporter
 """
 
 from __future__ import annotations
@@ -30,20 +30,27 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     exporter = commands.add_parser(
-        "exporter", help="Consume the cluster's events and serve Prometheus metrics.",
+        "exporter",
+        help="Consume the cluster's events and serve Prometheus metrics.",
         description="Consume a Celery cluster's events (celeryev) and serve Prometheus metrics "
-                    "on /metrics and a health check on /healthz.",
-    )  # fmt: skip
+        "on /metrics and a health check on /healthz.",
+    )
     add_exporter_arguments(exporter, environ, broker_default=None)
 
     demo = commands.add_parser(
-        "demo", help="Run an embedded demo cluster plus the exporter (no services needed).",
+        "demo",
+        help="Run an embedded demo cluster plus the exporter (no services needed).",
         description="Run an in-process worker and a small task load on the memory:// transport "
-                    "(or on --broker-url) together with the exporter.",
-    )  # fmt: skip
+        "(or on --broker-url) together with the exporter.",
+    )
     add_exporter_arguments(demo, {}, broker_default="memory://")
-    demo.add_argument("--tasks-per-second", type=float, default=10.0, metavar="N",
-                      help="Demo load: tasks sent per second [default 10]")  # fmt: skip
+    demo.add_argument(
+        "--tasks-per-second",
+        type=float,
+        default=10.0,
+        metavar="N",
+        help="Demo load: tasks sent per second [default 10]",
+    )
     return parser
 
 
@@ -88,8 +95,11 @@ def start_exporter(config: ExporterConfig) -> Exporter:
 
 def run_exporter(config: ExporterConfig) -> int:
     exporter = start_exporter(config)
-    print(f"celery-obs exporter: watching {config.safe_broker_url}; "
-          f"metrics at {exporter.url}/metrics", flush=True)  # fmt: skip
+    print(
+        f"celery-obs exporter: watching {config.safe_broker_url}; "
+        f"metrics at {exporter.url}/metrics",
+        flush=True,
+    )
     wait_for_signal()
     exporter.stop()
     return 0
@@ -105,8 +115,11 @@ def run_demo(config: ExporterConfig, tasks_per_second: float) -> int:
     cluster = DemoCluster(config.broker_url, tasks_per_second=tasks_per_second)
     exporter = start_exporter(config)
     cluster.start()
-    print(f"celery-obs demo: worker {cluster.hostname} running {tasks_per_second:g} tasks/s "
-          f"on {config.safe_broker_url}", flush=True)  # fmt: skip
+    print(
+        f"celery-obs demo: worker {cluster.hostname} running {tasks_per_second:g} tasks/s "
+        f"on {config.safe_broker_url}",
+        flush=True,
+    )
     print(f"celery-obs demo: metrics at {exporter.url}/metrics (Ctrl-C to stop)", flush=True)
     wait_for_signal()
     cluster.stop()
@@ -119,8 +132,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     parser = build_parser(environ)
     args = parser.parse_args(argv)
     if args.command == "exporter" and not args.broker_url:
-        parser.error("exporter: --broker-url (or CELERY_OBS_BROKER_URL / CELERY_BROKER_URL) "
-                     "is required")  # fmt: skip
+        parser.error(
+            "exporter: --broker-url (or CELERY_OBS_BROKER_URL / CELERY_BROKER_URL) is required"
+        )
     config = config_from_args(args)
     setup_logging(config.log_level)
     try:

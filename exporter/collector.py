@@ -29,12 +29,11 @@ if TYPE_CHECKING:
     from .queues import QueueLengths
 
 
-def _family(spec: m.MetricSpec) -> Metric:
+def _family(spec: m.MetricSpec) -> CounterMetricFamily | GaugeMetricFamily:
     if spec.type == "counter":
         return CounterMetricFamily(spec.family, spec.help, labels=spec.labels)
-    if spec.type == "gauge":
-        return GaugeMetricFamily(spec.family, spec.help, labels=spec.labels)
-    return HistogramMetricFamily(spec.family, spec.help, labels=spec.labels)
+    assert spec.type == "gauge", spec
+    return GaugeMetricFamily(spec.family, spec.help, labels=spec.labels)
 
 
 class CeleryCollector(Collector):
@@ -56,7 +55,10 @@ class CeleryCollector(Collector):
     def describe(self) -> Iterator[Metric]:
         # Describing without collecting keeps registration cheap and side-effect free.
         for spec in m.CATALOGUE:
-            yield _family(spec)
+            if spec.type == "histogram":
+                yield HistogramMetricFamily(spec.family, spec.help, labels=spec.labels)
+            else:
+                yield _family(spec)
 
     def collect(self) -> Iterator[Metric]:
         with self.lock:
@@ -77,14 +79,14 @@ class CeleryCollector(Collector):
         yield self._histogram(m.TASK_LATENCY, tracker.latency)
 
     def _histogram(self, spec: m.MetricSpec, table: dict[LabelKey, Histogram]) -> Metric:
-        family = _family(spec)
+        family = HistogramMetricFamily(spec.family, spec.help, labels=spec.labels)
         labels = self._bucket_labels
         for key, hist in table.items():
             cumulative, buckets = 0, []
-            for le, count in zip(labels, hist.counts):
+            for le, count in zip(labels, hist.counts, strict=True):
                 cumulative += count
                 buckets.append((le, cumulative))
-            family.add_metric(key, buckets, hist.sum)  # type: ignore[attr-defined]
+            family.add_metric(list(key), buckets, hist.sum)
         return family
 
     def _worker_families(self) -> Iterator[Metric]:

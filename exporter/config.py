@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,8 +115,16 @@ class _EnvDefaults:
         self.parser = parser
         self.environ = environ
 
-    def add(self, flag: str, *, default: Any, help: str, type: Callable[[str], Any] = str,
-            env: tuple[str, ...] = (), metavar: str | None = None) -> None:  # fmt: skip
+    def add(
+        self,
+        flag: str,
+        *,
+        default: Any,
+        help: str,
+        type: Callable[[str], Any] = str,
+        env: tuple[str, ...] = (),
+        metavar: str | None = None,
+    ) -> None:
         names = (env_name(flag), *env)
         value = default
         for name in names:
@@ -131,9 +138,12 @@ class _EnvDefaults:
         if isinstance(default, tuple):
             shown = ",".join(str(d) for d in default) or "(none)"
         self.parser.add_argument(
-            flag, default=value, type=type, metavar=metavar,
+            flag,
+            default=value,
+            type=type,
+            metavar=metavar,
             help=f"{help} [env {' or '.join(names)}; default {shown}]",
-        )  # fmt: skip
+        )
 
 
 def add_exporter_arguments(
@@ -141,58 +151,145 @@ def add_exporter_arguments(
 ) -> None:
     env = _EnvDefaults(parser, environ)
     broker_env = ("CELERY_BROKER_URL",) if broker_default is None else ()
-    env.add("--broker-url", default=broker_default, env=broker_env, metavar="URL",
-            help="Broker of the cluster to watch, e.g. redis://host:6379/0 or amqp://user:pass@host//.")
-    options = [parse_transport_option(item)
-               for item in environ.get(env_name("--broker-transport-options"), "").split()]
+    env.add(
+        "--broker-url",
+        default=broker_default,
+        env=broker_env,
+        metavar="URL",
+        help="Broker of the cluster to watch, e.g. redis://host:6379/0 or amqp://user:pass@host//.",
+    )
+    options = [
+        parse_transport_option(item)
+        for item in environ.get(env_name("--broker-transport-options"), "").split()
+    ]
     parser.add_argument(
-        "--broker-transport-option", dest="broker_transport_option", action="append",
-        type=parse_transport_option, default=options, metavar="KEY=VALUE",
+        "--broker-transport-option",
+        dest="broker_transport_option",
+        action="append",
+        type=parse_transport_option,
+        default=options,
+        metavar="KEY=VALUE",
         help="kombu transport option, repeatable (values parsed as JSON when they can be), "
-             "e.g. master_name=mymaster [env CELERY_OBS_BROKER_TRANSPORT_OPTIONS, space separated]",
-    )  # fmt: skip
-    env.add("--web.listen-address", default=":9808", type=parse_address, metavar="HOST:PORT",
-            help="Address to serve /metrics and /healthz on.")
-    env.add("--web.config.file", default=None, metavar="PATH",
-            help="Prometheus exporter-toolkit web config (TLS, basic auth) to serve with.")
-    env.add("--worker-timeout", default=10.0, type=_positive(float), metavar="SECONDS",
-            help="A worker with no heartbeat for this long is reported down.")
-    env.add("--worker-retention", default=3600.0, type=_positive(float), metavar="SECONDS",
-            help="How long a down worker's series stay at 0 before they are dropped.")
-    env.add("--queues", default=(), type=parse_csv, metavar="A,B",
-            help="Queues whose length to report, besides those seen in task-sent events.")
-    env.add("--queue-poll-interval", default=15.0, type=_positive(float), metavar="SECONDS",
-            help="How often queue lengths are read from the broker.")
-    env.add("--buckets", default=DEFAULT_BUCKETS, type=parse_buckets, metavar="S,S,...",
-            help="Histogram buckets in seconds for runtime, queue wait and latency.")
+        "e.g. master_name=mymaster [env CELERY_OBS_BROKER_TRANSPORT_OPTIONS, space separated]",
+    )
+    env.add(
+        "--web.listen-address",
+        default=":9808",
+        type=parse_address,
+        metavar="HOST:PORT",
+        help="Address to serve /metrics and /healthz on.",
+    )
+    env.add(
+        "--web.config.file",
+        default=None,
+        metavar="PATH",
+        help="Prometheus exporter-toolkit web config (TLS, basic auth) to serve with.",
+    )
+    env.add(
+        "--worker-timeout",
+        default=10.0,
+        type=_positive(float),
+        metavar="SECONDS",
+        help="A worker with no heartbeat for this long is reported down.",
+    )
+    env.add(
+        "--worker-retention",
+        default=3600.0,
+        type=_positive(float),
+        metavar="SECONDS",
+        help="How long a down worker's series stay at 0 before they are dropped.",
+    )
+    env.add(
+        "--queues",
+        default=(),
+        type=parse_csv,
+        metavar="A,B",
+        help="Queues whose length to report, besides those seen in task-sent events.",
+    )
+    env.add(
+        "--queue-poll-interval",
+        default=15.0,
+        type=_positive(float),
+        metavar="SECONDS",
+        help="How often queue lengths are read from the broker.",
+    )
+    env.add(
+        "--buckets",
+        default=DEFAULT_BUCKETS,
+        type=parse_buckets,
+        metavar="S,S,...",
+        help="Histogram buckets in seconds for runtime, queue wait and latency.",
+    )
     limits = Limits()
     for flag, attr, what in (
         ("--max-task-names", "max_task_names", "task names"),
         ("--max-exceptions", "max_exceptions", "exception classes"),
         ("--max-queues", "max_queues", "queue names"),
-        ("--max-workers", "max_workers", "workers"),
     ):
-        env.add(flag, default=getattr(limits, attr), type=_positive(int), metavar="N",
-                help=f"Distinct {what} reported; more are counted under 'other'.")
-    env.add("--max-tracked-tasks", default=limits.max_tracked_tasks, type=_positive(int),
-            metavar="N", help="Unfinished tasks remembered for labelling (oldest evicted, counted).")
-    env.add("--enable-events-interval", default=30.0, type=_positive(float), metavar="SECONDS",
-            help="How often workers are asked to enable task events.")
-    env.add("--event-queue-ttl", default=60.0, type=_positive(float), metavar="SECONDS",
-            help="RabbitMQ: how long events wait in the exporter's queue.")
-    env.add("--event-queue-expires", default=300.0, type=_positive(float), metavar="SECONDS",
-            help="RabbitMQ: the exporter's event queue is deleted after this long unused.")
-    env.add("--event-queue-max-length", default=500_000, type=_positive(int), metavar="N",
-            help="RabbitMQ: most events held in the exporter's queue (oldest dropped).")
-    env.add("--log-level", default="info", type=parse_log_level, metavar="LEVEL",
-            help=f"One of {', '.join(LOG_LEVELS)}.")
+        env.add(
+            flag,
+            default=getattr(limits, attr),
+            type=_positive(int),
+            metavar="N",
+            help=f"Distinct {what} reported; more are counted under 'other'.",
+        )
+    env.add(
+        "--max-workers",
+        default=limits.max_workers,
+        type=_positive(int),
+        metavar="N",
+        help="Workers tracked; events from more are ignored and counted.",
+    )
+    env.add(
+        "--max-tracked-tasks",
+        default=limits.max_tracked_tasks,
+        type=_positive(int),
+        metavar="N",
+        help="Unfinished tasks remembered for labelling (oldest evicted, counted).",
+    )
+    env.add(
+        "--enable-events-interval",
+        default=30.0,
+        type=_positive(float),
+        metavar="SECONDS",
+        help="How often workers are asked to enable task events.",
+    )
+    env.add(
+        "--event-queue-ttl",
+        default=60.0,
+        type=_positive(float),
+        metavar="SECONDS",
+        help="RabbitMQ: how long events wait in the exporter's queue.",
+    )
+    env.add(
+        "--event-queue-expires",
+        default=300.0,
+        type=_positive(float),
+        metavar="SECONDS",
+        help="RabbitMQ: the exporter's event queue is deleted after this long unused.",
+    )
+    env.add(
+        "--event-queue-max-length",
+        default=500_000,
+        type=_positive(int),
+        metavar="N",
+        help="RabbitMQ: most events held in the exporter's queue (oldest dropped).",
+    )
+    env.add(
+        "--log-level",
+        default="info",
+        type=parse_log_level,
+        metavar="LEVEL",
+        help=f"One of {', '.join(LOG_LEVELS)}.",
+    )
     enable = environ.get(env_name("--enable-events"))
     parser.add_argument(
-        "--enable-events", action=argparse.BooleanOptionalAction,
+        "--enable-events",
+        action=argparse.BooleanOptionalAction,
         default=parse_bool(enable) if enable else True,
         help="Periodically ask workers to send task events, as Flower does "
-             "[env CELERY_OBS_ENABLE_EVENTS; default on]",
-    )  # fmt: skip
+        "[env CELERY_OBS_ENABLE_EVENTS; default on]",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ExporterConfig:

@@ -52,8 +52,9 @@ class WorkerControl:
             try:
                 self._app.control.broadcast(command)
             except Exception as exc:  # a broker hiccup here must not stop the exporter
-                log.warning("broadcast %r to workers failed: %s: %s",
-                            command, type(exc).__name__, exc)  # fmt: skip
+                log.warning(
+                    "broadcast %r to workers failed: %s: %s", command, type(exc).__name__, exc
+                )
                 return
 
     def _run(self) -> None:

@@ -73,10 +73,16 @@ class DemoCluster:
         self.tasks_per_second = tasks_per_second
         self._stopping = threading.Event()
         self._worker = WorkController(
-            app=self.app, hostname=self.hostname, pool_cls="threads", concurrency=4,
-            loglevel="WARNING", task_events=True, queues=list(DEMO_QUEUES),
-            without_mingle=True, without_gossip=True,
-        )  # fmt: skip
+            app=self.app,
+            hostname=self.hostname,
+            pool_cls="threads",
+            concurrency=4,
+            loglevel="WARNING",
+            task_events=True,
+            queues=list(DEMO_QUEUES),
+            without_mingle=True,
+            without_gossip=True,
+        )
         self._threads = [
             threading.Thread(target=self._worker.start, name="demo-worker", daemon=True),
             threading.Thread(target=self._produce, name="demo-load", daemon=True),

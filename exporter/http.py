@@ -97,12 +97,17 @@ class MetricsServer(ThreadingHTTPServer):
         self.registry = registry
         self.health = health
         self.web_config = web_config or WebConfig()
-        self.auth = BasicAuth(self.web_config.basic_auth_users) if self.web_config.basic_auth_users else None
+        self.auth = (
+            BasicAuth(self.web_config.basic_auth_users)
+            if self.web_config.basic_auth_users
+            else None
+        )
         super().__init__(address, _Handler)
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
+        host = host.decode() if isinstance(host, bytes) else host
         scheme = "https" if self.web_config.ssl_context else "http"
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
         shown = f"[{shown}]" if ":" in str(shown) else shown
@@ -142,12 +147,16 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         server = self.server
         if server.auth is not None and not server.auth.allows(self.headers.get("Authorization")):
-            self._send(401, b"Unauthorized\n", "text/plain; charset=utf-8",
-                       {"WWW-Authenticate": 'Basic realm="celery-obs"'})  # fmt: skip
+            self._send(
+                401,
+                b"Unauthorized\n",
+                "text/plain; charset=utf-8",
+                {"WWW-Authenticate": 'Basic realm="celery-obs"'},
+            )
             return
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
-            encoder, content_type = choose_encoder(self.headers.get("Accept"))
+            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
             body = encoder(server.registry)
             extra = {}
             if "gzip" in (self.headers.get("Accept-Encoding") or ""):
@@ -162,8 +171,9 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, b"Not found: try /metrics or /healthz\n", "text/plain; charset=utf-8")
 
-    def _send(self, code: int, body: bytes, content_type: str,
-              extra: dict[str, str] | None = None) -> None:  # fmt: skip
+    def _send(
+        self, code: int, body: bytes, content_type: str, extra: dict[str, str] | None = None
+    ) -> None:
         self.send_response(code)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))

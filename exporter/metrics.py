@@ -15,9 +15,27 @@ MetricType = Literal["counter", "gauge", "histogram"]
 #: Default histogram buckets (seconds). Celery tasks range from milliseconds to hours (reports,
 #: ETL, long-running exports), so the buckets reach 4 h instead of prometheus_client's 10 s.
 DEFAULT_BUCKETS: tuple[float, ...] = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0,
-)  # fmt: skip
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+    3600.0,
+    7200.0,
+    14400.0,
+)
 
 #: Label value used when a task name, exception or queue is beyond its cardinality limit.
 OVERFLOW_LABEL = "other"
@@ -45,127 +63,174 @@ TASK_LABELS = ("name", "queue_name")
 #: Task event type -> counter it increments. One counter per lifecycle step.
 TASK_COUNTERS: dict[str, MetricSpec] = {
     "task-sent": MetricSpec(
-        "celery_task_sent_total", "counter",
+        "celery_task_sent_total",
+        "counter",
         "Tasks published by producers (needs task_send_sent_event on the producers).",
         TASK_LABELS,
     ),
     "task-received": MetricSpec(
-        "celery_task_received_total", "counter", "Tasks received by a worker.", TASK_LABELS,
+        "celery_task_received_total",
+        "counter",
+        "Tasks received by a worker.",
+        TASK_LABELS,
     ),
     "task-started": MetricSpec(
-        "celery_task_started_total", "counter", "Tasks started by a worker.", TASK_LABELS,
+        "celery_task_started_total",
+        "counter",
+        "Tasks started by a worker.",
+        TASK_LABELS,
     ),
     "task-succeeded": MetricSpec(
-        "celery_task_succeeded_total", "counter", "Tasks that succeeded.", TASK_LABELS,
+        "celery_task_succeeded_total",
+        "counter",
+        "Tasks that succeeded.",
+        TASK_LABELS,
     ),
     "task-failed": MetricSpec(
-        "celery_task_failed_total", "counter",
+        "celery_task_failed_total",
+        "counter",
         "Tasks that failed, by exception class (NotRegistered for task names no worker knows).",
         (*TASK_LABELS, "exception"),
     ),
     "task-retried": MetricSpec(
-        "celery_task_retried_total", "counter", "Task attempts that ended in a retry.", TASK_LABELS,
+        "celery_task_retried_total",
+        "counter",
+        "Task attempts that ended in a retry.",
+        TASK_LABELS,
     ),
     "task-revoked": MetricSpec(
-        "celery_task_revoked_total", "counter",
-        "Tasks revoked (including expired and terminated).", TASK_LABELS,
+        "celery_task_revoked_total",
+        "counter",
+        "Tasks revoked (including expired and terminated).",
+        TASK_LABELS,
     ),
     "task-rejected": MetricSpec(
-        "celery_task_rejected_total", "counter", "Task messages rejected by a worker.", TASK_LABELS,
+        "celery_task_rejected_total",
+        "counter",
+        "Task messages rejected by a worker.",
+        TASK_LABELS,
     ),
-}  # fmt: skip
+}
 
 TASK_RUNTIME = MetricSpec(
-    "celery_task_runtime_seconds", "histogram",
+    "celery_task_runtime_seconds",
+    "histogram",
     "Task execution time on the worker, for succeeded and failed tasks.",
     (*TASK_LABELS, "outcome"),
-)  # fmt: skip
+)
 TASK_QUEUE_WAIT = MetricSpec(
-    "celery_task_queue_wait_seconds", "histogram",
+    "celery_task_queue_wait_seconds",
+    "histogram",
     "Time from task-sent (else task-received) to task-started, minus any ETA/countdown delay.",
     TASK_LABELS,
-)  # fmt: skip
+)
 TASK_LATENCY = MetricSpec(
-    "celery_task_latency_seconds", "histogram",
+    "celery_task_latency_seconds",
+    "histogram",
     "End-to-end time from task-sent (else task-received) to success or failure, "
     "minus any ETA/countdown delay.",
     TASK_LABELS,
-)  # fmt: skip
+)
 
 WORKER_UP = MetricSpec(
-    "celery_worker_up", "gauge",
+    "celery_worker_up",
+    "gauge",
     "1 while the worker sends heartbeats; 0 after worker-offline or the worker timeout. "
     "Down workers are kept at 0 for the worker retention, then dropped.",
     ("hostname",),
-)  # fmt: skip
+)
 WORKER_TASKS_ACTIVE = MetricSpec(
-    "celery_worker_tasks_active", "gauge",
-    "Tasks the worker is executing, from its last heartbeat.", ("hostname",),
-)  # fmt: skip
+    "celery_worker_tasks_active",
+    "gauge",
+    "Tasks the worker is executing, from its last heartbeat.",
+    ("hostname",),
+)
 WORKER_TASKS_PROCESSED = MetricSpec(
-    "celery_worker_tasks_processed_total", "counter",
-    "Tasks the worker has processed since it started, from its last heartbeat.", ("hostname",),
-)  # fmt: skip
+    "celery_worker_tasks_processed_total",
+    "counter",
+    "Tasks the worker has processed since it started, from its last heartbeat.",
+    ("hostname",),
+)
 WORKER_LAST_HEARTBEAT = MetricSpec(
-    "celery_worker_last_heartbeat_timestamp_seconds", "gauge",
-    "Unix time at which the exporter received the worker's last event.", ("hostname",),
-)  # fmt: skip
+    "celery_worker_last_heartbeat_timestamp_seconds",
+    "gauge",
+    "Unix time at which the exporter received the worker's last event.",
+    ("hostname",),
+)
 
 QUEUE_LENGTH = MetricSpec(
-    "celery_queue_length", "gauge",
+    "celery_queue_length",
+    "gauge",
     "Messages waiting in the broker queue (Redis: all priority sub-queues summed).",
     ("queue_name",),
-)  # fmt: skip
+)
 
 EXPORTER_EVENTS = MetricSpec(
-    "celery_exporter_events_total", "counter", "Events consumed, by event type.", ("type",),
+    "celery_exporter_events_total",
+    "counter",
+    "Events consumed, by event type.",
+    ("type",),
 )
 EXPORTER_MALFORMED = MetricSpec(
-    "celery_exporter_malformed_events_total", "counter",
-    "Messages or events that could not be used, by reason.", ("reason",),
-)  # fmt: skip
+    "celery_exporter_malformed_events_total",
+    "counter",
+    "Messages or events that could not be used, by reason.",
+    ("reason",),
+)
 EXPORTER_DUPLICATES = MetricSpec(
-    "celery_exporter_duplicate_events_total", "counter",
-    "Task events seen twice for the same task attempt and not counted again.", ("type",),
-)  # fmt: skip
+    "celery_exporter_duplicate_events_total",
+    "counter",
+    "Task events seen twice for the same task attempt and not counted again.",
+    ("type",),
+)
 EXPORTER_BROKER_CONNECTED = MetricSpec(
-    "celery_exporter_broker_connected", "gauge",
+    "celery_exporter_broker_connected",
+    "gauge",
     "1 while the event consumer is connected to the broker.",
-)  # fmt: skip
+)
 EXPORTER_RECONNECTS = MetricSpec(
-    "celery_exporter_broker_reconnects_total", "counter",
+    "celery_exporter_broker_reconnects_total",
+    "counter",
     "Times the event consumer lost the broker connection and connected again.",
-)  # fmt: skip
+)
 EXPORTER_LAST_EVENT = MetricSpec(
-    "celery_exporter_last_event_timestamp_seconds", "gauge",
+    "celery_exporter_last_event_timestamp_seconds",
+    "gauge",
     "Unix time at which the last event was received (0 before the first).",
-)  # fmt: skip
+)
 EXPORTER_TASKS_TRACKED = MetricSpec(
-    "celery_exporter_tasks_tracked", "gauge",
+    "celery_exporter_tasks_tracked",
+    "gauge",
     "Unfinished tasks held in the in-flight table (bounded by --max-tracked-tasks).",
-)  # fmt: skip
+)
 EXPORTER_TASKS_EVICTED = MetricSpec(
-    "celery_exporter_tasks_evicted_total", "counter",
+    "celery_exporter_tasks_evicted_total",
+    "counter",
     "Unfinished tasks dropped from the full in-flight table; their later events lose their name.",
-)  # fmt: skip
+)
 EXPORTER_LABEL_OVERFLOW = MetricSpec(
-    "celery_exporter_label_overflow_total", "counter",
+    "celery_exporter_label_overflow_total",
+    "counter",
     f"Events whose label value was beyond the label's limit and counted as '{OVERFLOW_LABEL}'.",
     ("label",),
-)  # fmt: skip
+)
 EXPORTER_NEGATIVE_DURATIONS = MetricSpec(
-    "celery_exporter_negative_durations_total", "counter",
+    "celery_exporter_negative_durations_total",
+    "counter",
     "Durations that came out negative (clock skew between hosts) and were clamped to 0.",
     ("metric",),
-)  # fmt: skip
+)
 EXPORTER_QUEUE_PROBE_ERRORS = MetricSpec(
-    "celery_exporter_queue_probe_errors_total", "counter",
+    "celery_exporter_queue_probe_errors_total",
+    "counter",
     "Queue length probes that failed (the last known length is kept).",
-)  # fmt: skip
+)
 EXPORTER_BUILD_INFO = MetricSpec(
-    "celery_exporter_build_info", "gauge", "Always 1; labels say which exporter is running.",
+    "celery_exporter_build_info",
+    "gauge",
+    "Always 1; labels say which exporter is running.",
     ("version",),
-)  # fmt: skip
+)
 
 CATALOGUE: tuple[MetricSpec, ...] = (
     *TASK_COUNTERS.values(),

@@ -9,6 +9,7 @@ channel, so the probe opens a fresh one after each miss.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -99,14 +100,12 @@ class QueueProbe:
     def _drop_connection(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
-            try:
+            # The connection is already broken: nothing left to release.
+            with contextlib.suppress(Exception):
                 connection.release()
-            except Exception:  # the connection is already broken; nothing left to release
-                pass
 
     def _run(self) -> None:
         while not self._stopping.is_set():
             self.probe_once()
             self._stopping.wait(self._interval)
         self._drop_connection()
-

@@ -51,20 +51,30 @@ class Exporter:
         self.status = BrokerStatus(broker=config.safe_broker_url)
         self.queue_lengths = QueueLengths()
         self.control = WorkerControl(
-            config.broker_url, dict(config.transport_options),
-            enable_events=config.enable_events, interval=config.enable_events_interval,
-        )  # fmt: skip
+            config.broker_url,
+            dict(config.transport_options),
+            enable_events=config.enable_events,
+            interval=config.enable_events_interval,
+        )
         self.consumer = EventConsumer(
-            self.connect, self.tracker, self.lock, self.status,
-            queue_options=config.event_queue, on_connected=self.control.poke,
-        )  # fmt: skip
+            self.connect,
+            self.tracker,
+            self.lock,
+            self.status,
+            queue_options=config.event_queue,
+            on_connected=self.control.poke,
+        )
         self.probe = QueueProbe(
-            self.connect, self._queue_names, self.queue_lengths, config.queue_poll_interval,
-        )  # fmt: skip
+            self.connect,
+            self._queue_names,
+            self.queue_lengths,
+            config.queue_poll_interval,
+        )
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.registry.register(
-            CeleryCollector(self.tracker, self.lock, self.status, self.queue_lengths,
-                            package_version())  # fmt: skip
+            CeleryCollector(
+                self.tracker, self.lock, self.status, self.queue_lengths, package_version()
+            )
         )
         self.server = MetricsServer(address, self.registry, self.status.health, web_config)
 

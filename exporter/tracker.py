@@ -29,17 +29,32 @@ LabelKey = tuple[str, ...]
 
 KNOWN_EVENT_TYPES = frozenset(
     {
-        "task-sent", "task-received", "task-started", "task-succeeded", "task-failed",
-        "task-retried", "task-revoked", "task-rejected", "task-cancelled",
-        "worker-online", "worker-heartbeat", "worker-offline",
+        "task-sent",
+        "task-received",
+        "task-started",
+        "task-succeeded",
+        "task-failed",
+        "task-retried",
+        "task-revoked",
+        "task-rejected",
+        "task-cancelled",
+        "worker-online",
+        "worker-heartbeat",
+        "worker-offline",
     }
-)  # fmt: skip
+)
 
 # One bit per task event type, to remember what an attempt has already seen.
 _BIT = {
-    "task-sent": 1, "task-received": 2, "task-started": 4, "task-succeeded": 8,
-    "task-failed": 16, "task-retried": 32, "task-revoked": 64, "task-rejected": 128,
-}  # fmt: skip
+    "task-sent": 1,
+    "task-received": 2,
+    "task-started": 4,
+    "task-succeeded": 8,
+    "task-failed": 16,
+    "task-retried": 32,
+    "task-revoked": 64,
+    "task-rejected": 128,
+}
 
 #: Producers are taken not to send task-sent events after this long without one.
 SENT_EVENTS_ABSENT_AFTER = 300.0
@@ -78,10 +93,10 @@ class LabelLimiter:
         self.overflow = 0
 
     def __call__(self, value: object) -> str:
-        if value in self.values:
-            return value  # type: ignore[return-value]
         if not isinstance(value, str) or not value:
             return UNKNOWN_LABEL
+        if value in self.values:
+            return value
         if len(self.values) < self.limit:
             self.values.add(value)
             return value
@@ -101,9 +116,17 @@ class Histogram:
 
 class TaskRecord:
     __slots__ = (
-        "eta", "name", "pending", "queue", "received", "retries", "seen", "sent", "started",
+        "eta",
+        "name",
+        "pending",
+        "queue",
+        "received",
+        "retries",
+        "seen",
+        "sent",
+        "started",
         "waited",
-    )  # fmt: skip
+    )
 
     def __init__(self) -> None:
         self.name: str | None = None
@@ -239,14 +262,18 @@ class Tracker:
         handler = self._handlers.get(kind)
         if handler is None:
             return
-        if kind == "task-sent":
-            self.last_sent_at = now
-            handler(event)
-            parked = self.waiting.pop(event.get("uuid"), None)  # type: ignore[arg-type]
-            if parked is not None:
-                self._replay(parked[1])
-        elif not (kind in _BIT and self._park(event, now)):
-            handler(event)
+        try:
+            if kind == "task-sent":
+                self.last_sent_at = now
+                handler(event)
+                parked = self.waiting.pop(event.get("uuid"), None)  # type: ignore[arg-type]
+                if parked is not None:
+                    self._replay(parked[1])
+            elif not (kind in _BIT and self._park(event, now)):
+                handler(event)
+        except (TypeError, ValueError, AttributeError):
+            # A field of an unexpected type (a list for a name, say): skip the event, keep going.
+            self.count_malformed("bad_field")
 
     def _park(self, event: Event, now: float) -> bool:
         """Hold a worker-side event back while its task's task-sent may still be on the way.
@@ -259,7 +286,7 @@ class Tracker:
         if now - self.last_sent_at > SENT_EVENTS_ABSENT_AFTER:
             return False
         uuid = event.get("uuid")
-        record = self.inflight.get(uuid) if isinstance(uuid, str) else None  # type: ignore[arg-type]
+        record = self.inflight.get(uuid) if isinstance(uuid, str) else None
         if record is None:
             if not isinstance(uuid, str) or uuid in self.finished:
                 return False
@@ -452,7 +479,10 @@ class Tracker:
             if unknown:  # an unknown task's only event: its name is in the exception
                 record.name = self.task_names(unknown.group(2))
         name, queue = self._labels(record)
-        self._count("task-failed", (name, queue, self.exceptions(exception_class(exception, event.get("traceback")))))
+        self._count(
+            "task-failed",
+            (name, queue, self.exceptions(exception_class(exception, event.get("traceback")))),
+        )
         self._observe_end(record, event, "failed")
         self._finish(event)
 
@@ -532,9 +562,10 @@ class Tracker:
                 continue
             up = down_since is None
             views.append(
-                WorkerView(hostname, up, worker.active if up else 0, worker.processed,
-                           worker.last_seen)
-            )  # fmt: skip
+                WorkerView(
+                    hostname, up, worker.active if up else 0, worker.processed, worker.last_seen
+                )
+            )
         return views
 
     def label_overflows(self) -> dict[str, int]:

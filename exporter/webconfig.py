@@ -43,8 +43,15 @@ _TLS_VERSIONS = {
 }
 # Go-specific knobs Python's ssl module does not map one to one: accepted, and ignored loudly.
 _IGNORED_TLS_KEYS = {"cipher_suites", "curve_preferences", "prefer_server_cipher_suites"}
-_TLS_KEYS = {"cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version",
-             "max_version", *_IGNORED_TLS_KEYS}  # fmt: skip
+_TLS_KEYS = {
+    "cert_file",
+    "key_file",
+    "client_auth_type",
+    "client_ca_file",
+    "min_version",
+    "max_version",
+    *_IGNORED_TLS_KEYS,
+}
 _TOP_KEYS = {"tls_server_config", "http_server_config", "basic_auth_users"}
 _BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
 
@@ -84,7 +91,9 @@ def _ssl_context(tls: dict[str, Any], base: str, path: str) -> ssl.SSLContext:
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
-        raise WebConfigError(f"{path}: cannot load cert_file {cert} / key_file {key}: {exc}") from None
+        raise WebConfigError(
+            f"{path}: cannot load cert_file {cert} / key_file {key}: {exc}"
+        ) from None
     for name, key_name in (("min_version", "minimum_version"), ("max_version", "maximum_version")):
         if name in tls:
             if tls[name] not in _TLS_VERSIONS:
@@ -133,7 +142,8 @@ def load_web_config(path: str) -> WebConfig:
     headers = _mapping(http.get("headers"), "http_server_config.headers", path)
     return WebConfig(
         ssl_context=_ssl_context(tls, base, path) if tls else None,
-        basic_auth_users=_users(_mapping(config.get("basic_auth_users"), "basic_auth_users", path),
-                                path),  # fmt: skip
+        basic_auth_users=_users(
+            _mapping(config.get("basic_auth_users"), "basic_auth_users", path), path
+        ),
         headers={str(k): str(v) for k, v in headers.items()},
     )

@@ -50,8 +50,11 @@ def rabbit_vhost() -> Iterator[str]:
     subprocess.run([ctl, "add_vhost", vhost], check=True, capture_output=True)
     subprocess.run([ctl, "add_user", AMQP_USER, AMQP_PASSWORD], capture_output=True)
     for user in ("guest", AMQP_USER):
-        subprocess.run([ctl, "set_permissions", "-p", vhost, user, ".*", ".*", ".*"],
-                       check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [ctl, "set_permissions", "-p", vhost, user, ".*", ".*", ".*"],
+            check=True,
+            capture_output=True,
+        )
     yield vhost
     subprocess.run([ctl, "delete_vhost", vhost], capture_output=True)
     subprocess.run([ctl, "delete_user", AMQP_USER], capture_output=True)
@@ -84,8 +87,9 @@ def start_exporter() -> Iterator[Callable[..., ExporterProcess]]:
     started: list[ExporterProcess] = []
 
     def start(broker_url: str, *flags: str, healthy: bool = True, **kwargs) -> ExporterProcess:
-        exporter = ExporterProcess(broker_url, "--worker-timeout", "3",
-                                   "--queue-poll-interval", "0.5", *flags, **kwargs)  # fmt: skip
+        exporter = ExporterProcess(
+            broker_url, "--worker-timeout", "3", "--queue-poll-interval", "0.5", *flags, **kwargs
+        )
         started.append(exporter)
         if healthy:
             exporter.wait_healthy()
@@ -100,10 +104,12 @@ def start_exporter() -> Iterator[Callable[..., ExporterProcess]]:
 def start_worker() -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
-    def start(broker_url: str, queue: str, name: str = "obs", *flags: str,
-              **kwargs) -> WorkerProcess:  # fmt: skip
-        worker = WorkerProcess(broker_url, queue, f"{name}-{uuid.uuid4().hex[:6]}", *flags,
-                               **kwargs)  # fmt: skip
+    def start(
+        broker_url: str, queue: str, name: str = "obs", *flags: str, **kwargs
+    ) -> WorkerProcess:
+        worker = WorkerProcess(
+            broker_url, queue, f"{name}-{uuid.uuid4().hex[:6]}", *flags, **kwargs
+        )
         started.append(worker)
         return worker
 

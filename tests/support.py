@@ -23,9 +23,13 @@ TESTS = Path(__file__).resolve().parent
 T = TypeVar("T")
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 30.0, what: str = "condition",
-             interval: float = 0.1) -> T:  # fmt: skip
-    """Poll `predicate` until it returns something truthy; fail with the last value at the deadline."""
+def wait_for(
+    predicate: Callable[[], T],
+    timeout: float = 30.0,
+    what: str = "condition",
+    interval: float = 0.1,
+) -> T:
+    """Poll `predicate` until it is truthy; at the deadline fail showing its last value."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -64,8 +68,12 @@ class Scrape:
         }
 
 
-def http_get(url: str, headers: dict[str, str] | None = None,
-             context: ssl.SSLContext | None = None, timeout: float = 5.0) -> tuple[int, str]:  # fmt: skip
+def http_get(
+    url: str,
+    headers: dict[str, str] | None = None,
+    context: ssl.SSLContext | None = None,
+    timeout: float = 5.0,
+) -> tuple[int, str]:
     request = urllib.request.Request(url, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
@@ -77,14 +85,21 @@ def http_get(url: str, headers: dict[str, str] | None = None,
 class Process:
     """A child process whose output goes to a temp file, stopped on close."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None,
-                 cwd: Path | None = None) -> None:  # fmt: skip
-        self.log = tempfile.NamedTemporaryFile(prefix="celery-obs-test-", suffix=".log", delete=False)
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the process
+            prefix="celery-obs-test-", suffix=".log", delete=False
+        )
         self.args = args
         self.proc = subprocess.Popen(
-            args, stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd,
-            env={**os.environ, **(env or {})}, start_new_session=True,
-        )  # fmt: skip
+            args,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
 
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
@@ -113,10 +128,19 @@ class ExporterProcess(Process):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         super().__init__(
-            [sys.executable, "-m", "exporter", "exporter", "--broker-url", broker_url,
-             "--web.listen-address", f"127.0.0.1:{self.port}", *flags],
+            [
+                sys.executable,
+                "-m",
+                "exporter",
+                "exporter",
+                "--broker-url",
+                broker_url,
+                "--web.listen-address",
+                f"127.0.0.1:{self.port}",
+                *flags,
+            ],
             env=env,
-        )  # fmt: skip
+        )
 
     def scrape(self) -> Scrape:
         status, body = http_get(f"{self.base}/metrics")
@@ -137,34 +161,59 @@ class ExporterProcess(Process):
 
         wait_for(healthy, timeout, "exporter /healthz 200")
 
-    def wait_value(self, metric: str, expected: float, /, timeout: float = 30.0,
-                   **labels: str) -> None:  # fmt: skip
-        wait_for(lambda: self.scrape().value(metric, **labels) == expected, timeout,
-                 f"{metric}{labels} == {expected}")  # fmt: skip
+    def wait_value(
+        self, metric: str, expected: float, /, timeout: float = 30.0, **labels: str
+    ) -> None:
+        wait_for(
+            lambda: self.scrape().value(metric, **labels) == expected,
+            timeout,
+            f"{metric}{labels} == {expected}",
+        )
 
 
 class WorkerProcess(Process):
     """A real `celery worker` (prefork) running tests/cluster_app.py."""
 
-    def __init__(self, broker_url: str, queue: str, name: str, *flags: str,
-                 events: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self, broker_url: str, queue: str, name: str, *flags: str, events: bool = True
+    ) -> None:
         self.hostname = f"{name}@{socket.gethostname()}"
         super().__init__(
-            [sys.executable, "-m", "celery", "-A", "cluster_app", "worker", "-P", "prefork",
-             "-c", "2", "-Q", queue, "-n", self.hostname, "--without-mingle", "--without-gossip",
-             "-l", "INFO", *(["-E"] if events else []), *flags],
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "cluster_app",
+                "worker",
+                "-P",
+                "prefork",
+                "-c",
+                "2",
+                "-Q",
+                queue,
+                "-n",
+                self.hostname,
+                "--without-mingle",
+                "--without-gossip",
+                "-l",
+                "INFO",
+                *(["-E"] if events else []),
+                *flags,
+            ],
             env={"OBS_TEST_BROKER": broker_url, "OBS_TEST_QUEUE": queue},
             cwd=TESTS,
-        )  # fmt: skip
+        )
 
 
 def producer(broker_url: str, queue: str) -> Celery:
     """A producer app like the user's: publishes by task name, with task-sent events."""
     app = Celery("obs_producer", broker=broker_url, set_as_current=False)
-    app.conf.update(task_send_sent_event=True, task_default_queue=queue,
-                    task_ignore_result=True)  # fmt: skip
+    app.conf.update(task_send_sent_event=True, task_default_queue=queue, task_ignore_result=True)
     return app
 
 
-def send_many(app: Celery, calls: Iterable[tuple[str, tuple[Any, ...], dict[str, Any]]]) -> list[str]:
+def send_many(
+    app: Celery, calls: Iterable[tuple[str, tuple[Any, ...], dict[str, Any]]]
+) -> list[str]:
     return [app.send_task(name, args, **options).id for name, args, options in calls]

@@ -14,9 +14,21 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 
 def start_redis(port: int, directory: str) -> Process:
-    server = Process([shutil.which("redis-server") or "redis-server", "--port", str(port),
-                      "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                      "--dir", directory])  # fmt: skip
+    server = Process(
+        [
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            directory,
+        ]
+    )
     wait_for(lambda: "Ready to accept connections" in server.output(), 10, "redis-server ready")
     return server
 
@@ -59,8 +71,9 @@ def test_exporter_survives_a_redis_restart(queue, start_exporter, start_worker):
         app = producer(url, queue)
         for i in range(2):
             app.send_task("obs.add", (i, i))
-        exporter.wait_value("celery_task_succeeded_total", 5, timeout=30, name="obs.add",
-                            queue_name=queue)  # fmt: skip
+        exporter.wait_value(
+            "celery_task_succeeded_total", 5, timeout=30, name="obs.add", queue_name=queue
+        )
     finally:
         server.close()
         shutil.rmtree(directory, ignore_errors=True)

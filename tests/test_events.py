@@ -16,20 +16,58 @@ from exporter.events import EventDecoder, MalformedMessage
 NOW = 1_700_000_000.0
 
 TASK_EVENTS = [
-    Event("task-sent", uuid="u1", name="a.b", args="()", kwargs="{}", retries=0, eta=None,
-          expires=None, queue="celery", exchange="", routing_key="celery", root_id="u1",
-          parent_id=None, hostname="gen1@producer", utcoffset=-5, pid=11, clock=3),
-    Event("task-received", uuid="u1", name="a.b", args="()", kwargs="{}", root_id="u1",
-          parent_id=None, retries=0, eta=None, expires=None, hostname="w@h", utcoffset=2, clock=9),
+    Event(
+        "task-sent",
+        uuid="u1",
+        name="a.b",
+        args="()",
+        kwargs="{}",
+        retries=0,
+        eta=None,
+        expires=None,
+        queue="celery",
+        exchange="",
+        routing_key="celery",
+        root_id="u1",
+        parent_id=None,
+        hostname="gen1@producer",
+        utcoffset=-5,
+        pid=11,
+        clock=3,
+    ),
+    Event(
+        "task-received",
+        uuid="u1",
+        name="a.b",
+        args="()",
+        kwargs="{}",
+        root_id="u1",
+        parent_id=None,
+        retries=0,
+        eta=None,
+        expires=None,
+        hostname="w@h",
+        utcoffset=2,
+        clock=9,
+    ),
     Event("task-started", uuid="u1", hostname="w@h", pid=12, utcoffset=0, clock=10),
     Event("task-succeeded", uuid="u1", result="3", runtime=0.25, hostname="w@h", utcoffset=0),
     Event("task-failed", uuid="u1", exception="ValueError('x')", traceback="Tb", hostname="w@h"),
     Event("task-retried", uuid="u1", exception="Retry()", traceback="Tb", hostname="w@h"),
     Event("task-revoked", uuid="u1", terminated=False, signum=None, expired=True, hostname="w@h"),
     Event("task-rejected", uuid="u1", requeue=False, hostname="w@h"),
-    Event("worker-heartbeat", hostname="w@h", freq=2.0, active=1, processed=9,
-          loadavg=[0.1, 0.2, 0.3], sw_ident="py-celery", sw_ver="5.7.0", sw_sys="Linux"),
-]  # fmt: skip
+    Event(
+        "worker-heartbeat",
+        hostname="w@h",
+        freq=2.0,
+        active=1,
+        processed=9,
+        loadavg=[0.1, 0.2, 0.3],
+        sw_ident="py-celery",
+        sw_ver="5.7.0",
+        sw_sys="Linux",
+    ),
+]
 
 
 def celery_view(body: dict) -> dict:
@@ -71,8 +109,9 @@ def test_msgpack_bodies_decode_like_json() -> None:
 
 def test_timestamp_is_moved_to_this_hosts_utc_offset() -> None:
     here_minus_sender = EventDecoder(on_malformed=print, now=lambda: NOW, utcoffset=lambda: 1.0)
-    [event] = here_minus_sender.decode(b'{"type":"x","timestamp":100.0,"utcoffset":3}',
-                                       "application/json")  # fmt: skip
+    [event] = here_minus_sender.decode(
+        b'{"type":"x","timestamp":100.0,"utcoffset":3}', "application/json"
+    )
     assert event["timestamp"] == 100.0 - 2 * 3600
     assert event["local_received"] == NOW
 
@@ -109,8 +148,14 @@ def test_undecodable_bodies_raise_malformed(body: bytes, content_type: str, reas
 
 def test_bad_items_in_a_batch_cost_only_themselves() -> None:
     malformed: list[str] = []
-    body = json.dumps([{"type": "task-started", "uuid": "a"}, 42, {"no": "type"},
-                       {"type": "t", "timestamp": "x", "utcoffset": 1}]).encode()  # fmt: skip
+    body = json.dumps(
+        [
+            {"type": "task-started", "uuid": "a"},
+            42,
+            {"no": "type"},
+            {"type": "t", "timestamp": "x", "utcoffset": 1},
+        ]
+    ).encode()
     events = decoder(malformed).decode(body, "application/json")
     assert [e["uuid"] for e in events] == ["a"]
     assert malformed == ["not_an_event", "not_an_event", "bad_timestamp"]

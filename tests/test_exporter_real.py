@@ -25,8 +25,9 @@ def settled(exporter: ExporterProcess, expected: dict[str, dict], timeout: float
     def matches() -> bool:
         scrape = exporter.scrape()
         last[:] = [scrape]
-        return all(scrape.series(metric, *labels) == want
-                   for metric, (labels, want) in expected.items())  # fmt: skip
+        return all(
+            scrape.series(metric, *labels) == want for metric, (labels, want) in expected.items()
+        )
 
     try:
         wait_for(matches, timeout, "expected task counters")
@@ -44,66 +45,127 @@ def test_every_task_lifecycle_is_counted_exactly(broker_url, queue, start_export
     exporter.wait_value("celery_worker_up", 1, hostname=worker.hostname)
 
     app = producer(broker_url, queue)
-    send_many(app, [
-        ("obs.add", (1, 2), {}), ("obs.add", (3, 4), {}), ("obs.add", (5, 6), {}),
-        ("obs.fail_value", (), {}), ("obs.fail_value", (), {}),
-        ("obs.fail_payment", (), {}),
-        ("obs.retry_once", (), {}),
-        ("obs.sleep", (30,), {}),  # killed by its 1 s hard time limit
-        ("obs.reject", (), {}),
-        ("obs.no_such_task", (), {}),  # no worker knows it
-    ])  # fmt: skip
+    send_many(
+        app,
+        [
+            ("obs.add", (1, 2), {}),
+            ("obs.add", (3, 4), {}),
+            ("obs.add", (5, 6), {}),
+            ("obs.fail_value", (), {}),
+            ("obs.fail_value", (), {}),
+            ("obs.fail_payment", (), {}),
+            ("obs.retry_once", (), {}),
+            ("obs.sleep", (30,), {}),  # killed by its 1 s hard time limit
+            ("obs.reject", (), {}),
+            ("obs.no_such_task", (), {}),  # no worker knows it
+        ],
+    )
     # A task with a countdown, revoked once the worker holds it, before it runs.
     [eta_task] = send_many(app, [("obs.add", (7, 8), {"countdown": 3})])
     exporter.wait_value("celery_task_received_total", 4, name="obs.add", queue_name=queue)
     app.control.revoke(eta_task)
 
     q = queue
-    scrape = settled(exporter, {
-        "celery_task_sent_total": (TASK_LABELS, {
-            ("obs.add", q): 4, ("obs.fail_value", q): 2, ("obs.fail_payment", q): 1,
-            ("obs.retry_once", q): 2, ("obs.sleep", q): 1, ("obs.reject", q): 1,
-            ("obs.no_such_task", q): 1,
-        }),
-        "celery_task_received_total": (TASK_LABELS, {
-            ("obs.add", q): 4, ("obs.fail_value", q): 2, ("obs.fail_payment", q): 1,
-            ("obs.retry_once", q): 2, ("obs.sleep", q): 1, ("obs.reject", q): 1,
-        }),
-        "celery_task_started_total": (TASK_LABELS, {
-            ("obs.add", q): 3, ("obs.fail_value", q): 2, ("obs.fail_payment", q): 1,
-            ("obs.retry_once", q): 2, ("obs.sleep", q): 1, ("obs.reject", q): 1,
-        }),
-        "celery_task_succeeded_total": (TASK_LABELS, {("obs.add", q): 3, ("obs.retry_once", q): 1}),
-        "celery_task_failed_total": ((*TASK_LABELS, "exception"), {
-            ("obs.fail_value", q, "ValueError"): 2,
-            ("obs.fail_payment", q, "PaymentDeclined"): 1,
-            ("obs.sleep", q, "TimeLimitExceeded"): 1,
-            # Celery >= 5.5 reports a Reject without requeue as a failure *and* a rejection.
-            ("obs.reject", q, "Reject"): 1,
-            ("obs.no_such_task", q, "NotRegistered"): 1,
-        }),
-        "celery_task_retried_total": (TASK_LABELS, {("obs.retry_once", q): 1}),
-        "celery_task_revoked_total": (TASK_LABELS, {("obs.add", q): 1}),
-        "celery_task_rejected_total": (TASK_LABELS, {("obs.reject", q): 1}),
-        "celery_task_runtime_seconds_count": ((*TASK_LABELS, "outcome"), {
-            ("obs.add", q, "succeeded"): 3, ("obs.retry_once", q, "succeeded"): 1,
-            ("obs.fail_value", q, "failed"): 2, ("obs.fail_payment", q, "failed"): 1,
-            ("obs.sleep", q, "failed"): 1, ("obs.reject", q, "failed"): 1,
-        }),
-        "celery_task_queue_wait_seconds_count": (TASK_LABELS, {
-            ("obs.add", q): 3, ("obs.fail_value", q): 2, ("obs.fail_payment", q): 1,
-            ("obs.retry_once", q): 2, ("obs.sleep", q): 1, ("obs.reject", q): 1,
-        }),
-        "celery_task_latency_seconds_count": (TASK_LABELS, {
-            ("obs.add", q): 3, ("obs.fail_value", q): 2, ("obs.fail_payment", q): 1,
-            ("obs.retry_once", q): 1, ("obs.sleep", q): 1, ("obs.reject", q): 1,
-            ("obs.no_such_task", q): 1,
-        }),
-    })  # fmt: skip
+    scrape = settled(
+        exporter,
+        {
+            "celery_task_sent_total": (
+                TASK_LABELS,
+                {
+                    ("obs.add", q): 4,
+                    ("obs.fail_value", q): 2,
+                    ("obs.fail_payment", q): 1,
+                    ("obs.retry_once", q): 2,
+                    ("obs.sleep", q): 1,
+                    ("obs.reject", q): 1,
+                    ("obs.no_such_task", q): 1,
+                },
+            ),
+            "celery_task_received_total": (
+                TASK_LABELS,
+                {
+                    ("obs.add", q): 4,
+                    ("obs.fail_value", q): 2,
+                    ("obs.fail_payment", q): 1,
+                    ("obs.retry_once", q): 2,
+                    ("obs.sleep", q): 1,
+                    ("obs.reject", q): 1,
+                },
+            ),
+            "celery_task_started_total": (
+                TASK_LABELS,
+                {
+                    ("obs.add", q): 3,
+                    ("obs.fail_value", q): 2,
+                    ("obs.fail_payment", q): 1,
+                    ("obs.retry_once", q): 2,
+                    ("obs.sleep", q): 1,
+                    ("obs.reject", q): 1,
+                },
+            ),
+            "celery_task_succeeded_total": (
+                TASK_LABELS,
+                {("obs.add", q): 3, ("obs.retry_once", q): 1},
+            ),
+            "celery_task_failed_total": (
+                (*TASK_LABELS, "exception"),
+                {
+                    ("obs.fail_value", q, "ValueError"): 2,
+                    ("obs.fail_payment", q, "PaymentDeclined"): 1,
+                    ("obs.sleep", q, "TimeLimitExceeded"): 1,
+                    # Celery >= 5.5 reports a Reject without requeue as a failure *and* a rejection.
+                    ("obs.reject", q, "Reject"): 1,
+                    ("obs.no_such_task", q, "NotRegistered"): 1,
+                },
+            ),
+            "celery_task_retried_total": (TASK_LABELS, {("obs.retry_once", q): 1}),
+            "celery_task_revoked_total": (TASK_LABELS, {("obs.add", q): 1}),
+            "celery_task_rejected_total": (TASK_LABELS, {("obs.reject", q): 1}),
+            "celery_task_runtime_seconds_count": (
+                (*TASK_LABELS, "outcome"),
+                {
+                    ("obs.add", q, "succeeded"): 3,
+                    ("obs.retry_once", q, "succeeded"): 1,
+                    ("obs.fail_value", q, "failed"): 2,
+                    ("obs.fail_payment", q, "failed"): 1,
+                    ("obs.sleep", q, "failed"): 1,
+                    ("obs.reject", q, "failed"): 1,
+                },
+            ),
+            "celery_task_queue_wait_seconds_count": (
+                TASK_LABELS,
+                {
+                    ("obs.add", q): 3,
+                    ("obs.fail_value", q): 2,
+                    ("obs.fail_payment", q): 1,
+                    ("obs.retry_once", q): 2,
+                    ("obs.sleep", q): 1,
+                    ("obs.reject", q): 1,
+                },
+            ),
+            "celery_task_latency_seconds_count": (
+                TASK_LABELS,
+                {
+                    ("obs.add", q): 3,
+                    ("obs.fail_value", q): 2,
+                    ("obs.fail_payment", q): 1,
+                    ("obs.retry_once", q): 1,
+                    ("obs.sleep", q): 1,
+                    ("obs.reject", q): 1,
+                    ("obs.no_such_task", q): 1,
+                },
+            ),
+        },
+    )
 
     # The hard time limit killed obs.sleep at 1 s: its runtime is about that, not 30 s.
-    assert 0.9 <= scrape.value("celery_task_runtime_seconds_sum", name="obs.sleep",
-                               queue_name=q, outcome="failed") < 5  # fmt: skip
+    assert (
+        0.9
+        <= scrape.value(
+            "celery_task_runtime_seconds_sum", name="obs.sleep", queue_name=q, outcome="failed"
+        )
+        < 5
+    )
     assert scrape.value("celery_worker_up", hostname=worker.hostname) == 1
     assert scrape.value("celery_exporter_broker_connected") == 1
     assert scrape.value("celery_exporter_malformed_events_total", reason="decode") is None
@@ -111,8 +173,9 @@ def test_every_task_lifecycle_is_counted_exactly(broker_url, queue, start_export
     assert scrape.value("celery_exporter_last_event_timestamp_seconds") > 0
 
 
-def test_sigkilled_worker_goes_down_within_the_timeout(broker_url, queue, start_exporter,
-                                                       start_worker):  # fmt: skip
+def test_sigkilled_worker_goes_down_within_the_timeout(
+    broker_url, queue, start_exporter, start_worker
+):
     exporter = start_exporter(broker_url, "--worker-timeout", "3")
     worker = start_worker(broker_url, queue)
     exporter.wait_value("celery_worker_up", 1, hostname=worker.hostname)
@@ -121,8 +184,9 @@ def test_sigkilled_worker_goes_down_within_the_timeout(broker_url, queue, start_
     exporter.wait_value("celery_worker_up", 0, timeout=8, hostname=worker.hostname)
     scrape = exporter.scrape()
     assert scrape.value("celery_worker_tasks_active", hostname=worker.hostname) == 0
-    assert scrape.value("celery_worker_last_heartbeat_timestamp_seconds",
-                        hostname=worker.hostname) > 0  # fmt: skip
+    assert (
+        scrape.value("celery_worker_last_heartbeat_timestamp_seconds", hostname=worker.hostname) > 0
+    )
 
 
 def test_warm_shutdown_is_down_at_once(redis_url, queue, start_exporter, start_worker):
@@ -164,32 +228,47 @@ def test_garbage_on_the_event_exchange_is_counted_and_skipped(broker_url, start_
 
         exchange: Exchange = get_exchange(connection)
         publish = Producer(connection.channel(), exchange=exchange).publish
-        publish(b"{definitely not json", routing_key="task.started",
-                content_type="application/json", content_encoding="utf-8")  # fmt: skip
-        publish(b"\x80\x04K\x01.", routing_key="task.started",
-                content_type="application/x-python-serialize", content_encoding="binary")
-        publish(json.dumps([42, {"type": "worker-heartbeat", "hostname": "fake@h"}]),
-                routing_key="worker.multi", content_type="application/json",
-                content_encoding="utf-8")  # fmt: skip
+        publish(
+            b"{definitely not json",
+            routing_key="task.started",
+            content_type="application/json",
+            content_encoding="utf-8",
+        )
+        publish(
+            b"\x80\x04K\x01.",
+            routing_key="task.started",
+            content_type="application/x-python-serialize",
+            content_encoding="binary",
+        )
+        publish(
+            json.dumps([42, {"type": "worker-heartbeat", "hostname": "fake@h"}]),
+            routing_key="worker.multi",
+            content_type="application/json",
+            content_encoding="utf-8",
+        )
     exporter.wait_value("celery_worker_up", 1, hostname="fake@h")
     scrape = exporter.scrape()
     assert scrape.series("celery_exporter_malformed_events_total", "reason") == {
-        ("decode",): 1, ("content_type",): 1, ("not_an_event",): 1,
+        ("decode",): 1,
+        ("content_type",): 1,
+        ("not_an_event",): 1,
     }
     assert scrape.value("celery_exporter_events_total", type="worker-heartbeat") == 1
     assert exporter.healthz()[0] == 200
 
 
-def test_enable_events_makes_a_worker_without_dash_e_report(redis_url, queue, start_exporter,
-                                                            start_worker):  # fmt: skip
+def test_enable_events_makes_a_worker_without_dash_e_report(
+    redis_url, queue, start_exporter, start_worker
+):
     exporter = start_exporter(redis_url, "--enable-events-interval", "1")
     start_worker(redis_url, queue, events=False)
     app = producer(redis_url, queue)
 
     def succeeded() -> float | None:
         app.send_task("obs.add", (1, 1))
-        return exporter.scrape().value("celery_task_succeeded_total", name="obs.add",
-                                       queue_name=queue)  # fmt: skip
+        return exporter.scrape().value(
+            "celery_task_succeeded_total", name="obs.add", queue_name=queue
+        )
 
     wait_for(succeeded, 30, "task events from a worker started without -E", interval=0.5)
 
@@ -200,8 +279,10 @@ def test_the_broker_password_never_shows(rabbit_vhost, start_exporter):
     good = f"amqp://{AMQP_USER}:{AMQP_PASSWORD}@127.0.0.1:5672/{rabbit_vhost}"
     exporter = start_exporter(good, "--log-level", "debug")
     status, reason = exporter.healthz()
-    assert (status, reason) == (200, f"ok: connected to amqp://{AMQP_USER}:**@127.0.0.1:5672/"
-                                     f"{rabbit_vhost}, consuming events\n")  # fmt: skip
+    assert (status, reason) == (
+        200,
+        f"ok: connected to amqp://{AMQP_USER}:**@127.0.0.1:5672/{rabbit_vhost}, consuming events\n",
+    )
 
     bad = f"amqp://{AMQP_USER}:wrong-{AMQP_PASSWORD}@127.0.0.1:5672/{rabbit_vhost}"
     refused = start_exporter(bad, healthy=False)

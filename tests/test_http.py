@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from exporter.http import MetricsServer, parse_listen_address
 from exporter.webconfig import WebConfigError, load_web_config
+
 from support import ExporterProcess, free_port, http_get, wait_for
 
 PASSWORD = "correct horse"
@@ -31,11 +32,27 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     directory = tmp_path_factory.mktemp("tls")
     cert, key = directory / "server.crt", directory / "server.key"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
@@ -72,7 +89,9 @@ def serve(registry: CollectorRegistry, web_config=None, health=lambda: (True, "o
 
 
 @pytest.fixture
-def tls_server(tmp_path: Path, certificate, registry) -> Iterator[tuple[MetricsServer, ssl.SSLContext]]:
+def tls_server(
+    tmp_path: Path, certificate, registry
+) -> Iterator[tuple[MetricsServer, ssl.SSLContext]]:
     cert, key = certificate
     for source in certificate:
         shutil.copy(source, tmp_path / source.name)
@@ -99,8 +118,12 @@ def test_https_with_the_right_user_serves_metrics(tls_server) -> None:
 
 def test_wrong_or_missing_credentials_get_401(tls_server) -> None:
     server, client = tls_server
-    for headers in ({}, basic("prometheus", "wrong"), basic("nobody", PASSWORD),
-                    {"Authorization": "Basic !!!notbase64"}):  # fmt: skip
+    for headers in (
+        {},
+        basic("prometheus", "wrong"),
+        basic("nobody", PASSWORD),
+        {"Authorization": "Basic !!!notbase64"},
+    ):
         status, body = http_get(f"{server.url}/metrics", headers, client)
         assert (status, body) == (401, "Unauthorized\n")
 
@@ -117,8 +140,9 @@ def test_plain_http_to_the_https_port_is_refused(tls_server) -> None:
 
 def test_configured_headers_are_sent(tls_server) -> None:
     server, client = tls_server
-    connection = http.client.HTTPSConnection("127.0.0.1", server.server_address[1],
-                                             context=client, timeout=5)  # fmt: skip
+    connection = http.client.HTTPSConnection(
+        "127.0.0.1", server.server_address[1], context=client, timeout=5
+    )
     connection.request("GET", "/healthz", headers=basic("prometheus", PASSWORD))
     response = connection.getresponse()
     assert response.getheader("X-Content-Type-Options") == "nosniff"
@@ -144,8 +168,10 @@ def test_healthz_reports_503_with_a_reason_and_gzip_works(registry) -> None:
 def test_concurrent_scrapes(registry) -> None:
     server = serve(registry)
     results: list[int] = []
-    threads = [threading.Thread(target=lambda: results.append(http_get(f"{server.url}/metrics")[0]))
-               for _ in range(8)]  # fmt: skip
+    threads = [
+        threading.Thread(target=lambda: results.append(http_get(f"{server.url}/metrics")[0]))
+        for _ in range(8)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -165,7 +191,7 @@ def test_concurrent_scrapes(registry) -> None:
         ("tls_server_cfg: {}\n", "unknown key(s) in the web config: tls_server_cfg"),
         ("- a list\n", "the web config must be a mapping"),
     ],
-)  # fmt: skip
+)
 def test_malformed_web_config_is_a_clear_error(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "web.yml"
     path.write_text(content)
@@ -195,7 +221,9 @@ def test_exporter_cli_serves_https_with_basic_auth(tmp_path: Path, certificate) 
         assert status == 200 and "celery_exporter_broker_connected 1.0" in body
         assert http_get(f"{url}/metrics", basic("prometheus", "nope"), client)[0] == 401
         assert http_get(f"http://127.0.0.1:{exporter.port}/metrics") == (
-            400, "Client sent an HTTP request to an HTTPS server.\n")
+            400,
+            "Client sent an HTTP request to an HTTPS server.\n",
+        )
     finally:
         exporter.close()
 
@@ -204,10 +232,22 @@ def test_malformed_web_config_stops_the_cli_at_startup(tmp_path: Path) -> None:
     path = tmp_path / "web.yml"
     path.write_text("basic_auth_users:\n  alice: hunter2\n")
     result = subprocess.run(
-        [sys.executable, "-m", "exporter", "exporter", "--broker-url", "memory://",
-         "--web.listen-address", f"127.0.0.1:{free_port()}", "--web.config.file", str(path)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "exporter",
+            "exporter",
+            "--broker-url",
+            "memory://",
+            "--web.listen-address",
+            f"127.0.0.1:{free_port()}",
+            "--web.config.file",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().endswith(
         f"celery-obs: invalid --web.config.file: {path}: basic_auth_users.alice must be a "

@@ -23,13 +23,20 @@ def ev(kind: str, uuid: str = "t1", ts: float = 1_000.0, **fields: object) -> di
     return {"type": kind, "uuid": uuid, "timestamp": ts, **fields}
 
 
-def sent(uuid: str = "t1", ts: float = 1_000.0, name: str = "app.add", queue: str = "q1",
-         **fields: object) -> dict:  # fmt: skip
+def sent(
+    uuid: str = "t1",
+    ts: float = 1_000.0,
+    name: str = "app.add",
+    queue: str = "q1",
+    **fields: object,
+) -> dict:
     fields.setdefault("retries", 0)
     return ev("task-sent", uuid, ts, name=name, queue=queue, **fields)
 
 
-def received(uuid: str = "t1", ts: float = 1_000.0, name: str = "app.add", **fields: object) -> dict:
+def received(
+    uuid: str = "t1", ts: float = 1_000.0, name: str = "app.add", **fields: object
+) -> dict:
     fields.setdefault("retries", 0)
     return ev("task-received", uuid, ts, name=name, hostname="w@h", **fields)
 
@@ -49,12 +56,14 @@ def hist_count(table: dict, key: tuple) -> int:
 
 
 def test_full_lifecycle_counts_and_durations(tracker: Tracker) -> None:
-    tracker.handle_all([
-        sent(ts=100.0),
-        received(ts=100.5),
-        ev("task-started", ts=103.0),
-        ev("task-succeeded", ts=104.0, runtime=0.75),
-    ])  # fmt: skip
+    tracker.handle_all(
+        [
+            sent(ts=100.0),
+            received(ts=100.5),
+            ev("task-started", ts=103.0),
+            ev("task-succeeded", ts=104.0, runtime=0.75),
+        ]
+    )
     key = ("app.add", "q1")
     for kind in ("task-sent", "task-received", "task-started", "task-succeeded"):
         assert tracker.task_counts[kind] == {key: 1}, kind
@@ -67,18 +76,21 @@ def test_full_lifecycle_counts_and_durations(tracker: Tracker) -> None:
 
 
 def test_histogram_buckets_are_le_inclusive(tracker: Tracker) -> None:
-    tracker.handle_all([sent(), received(), ev("task-started"),
-                        ev("task-succeeded", runtime=1.0)])  # fmt: skip
+    tracker.handle_all([sent(), received(), ev("task-started"), ev("task-succeeded", runtime=1.0)])
     hist = tracker.runtime[("app.add", "q1", "succeeded")]
     assert hist.counts[DEFAULT_BUCKETS.index(1.0)] == 1
     assert sum(hist.counts) == 1
 
 
 def test_failed_task_runtime_comes_from_started_and_exception_class(tracker: Tracker) -> None:
-    tracker.handle_all([
-        sent(ts=10.0), received(ts=10.0), ev("task-started", ts=11.0),
-        ev("task-failed", ts=13.5, exception="KeyError('x')"),
-    ])  # fmt: skip
+    tracker.handle_all(
+        [
+            sent(ts=10.0),
+            received(ts=10.0),
+            ev("task-started", ts=11.0),
+            ev("task-failed", ts=13.5, exception="KeyError('x')"),
+        ]
+    )
     assert tracker.task_counts["task-failed"] == {("app.add", "q1", "KeyError"): 1}
     assert tracker.runtime[("app.add", "q1", "failed")].sum == 2.5
     assert tracker.latency[("app.add", "q1")].sum == 3.5
@@ -115,10 +127,14 @@ def test_without_task_sent_events_nothing_is_parked(clock: Clock) -> None:
 
 def test_eta_delay_is_not_queue_wait(tracker: Tracker) -> None:
     eta = "1970-01-01T00:01:40+00:00"  # t = 100
-    tracker.handle_all([
-        sent(ts=40.0, eta=eta), received(ts=41.0, eta=eta),
-        ev("task-started", ts=102.0), ev("task-succeeded", ts=103.0, runtime=1.0),
-    ])  # fmt: skip
+    tracker.handle_all(
+        [
+            sent(ts=40.0, eta=eta),
+            received(ts=41.0, eta=eta),
+            ev("task-started", ts=102.0),
+            ev("task-succeeded", ts=103.0, runtime=1.0),
+        ]
+    )
     assert tracker.queue_wait[("app.add", "q1")].sum == 2.0
     assert tracker.latency[("app.add", "q1")].sum == 3.0
 
@@ -131,8 +147,17 @@ def test_negative_wait_from_clock_skew_is_clamped_and_counted(tracker: Tracker) 
 
 
 def test_duplicate_events_are_counted_once(tracker: Tracker) -> None:
-    tracker.handle_all([sent(), received(), received(), ev("task-started"), ev("task-started"),
-                        ev("task-succeeded", runtime=0.1), ev("task-succeeded", runtime=0.1)])
+    tracker.handle_all(
+        [
+            sent(),
+            received(),
+            received(),
+            ev("task-started"),
+            ev("task-started"),
+            ev("task-succeeded", runtime=0.1),
+            ev("task-succeeded", runtime=0.1),
+        ]
+    )
     assert tracker.task_counts["task-received"] == {("app.add", "q1"): 1}
     assert tracker.task_counts["task-started"] == {("app.add", "q1"): 1}
     assert tracker.task_counts["task-succeeded"] == {("app.add", "q1"): 1}
@@ -150,12 +175,18 @@ def test_hard_time_limit_double_failure_is_one_failure(tracker: Tracker) -> None
 def test_retry_as_prefork_orders_it(tracker: Tracker) -> None:
     # Observed on a real prefork worker: the retry's task-sent/-received (published by the
     # pool child) arrive before the main process's task-retried.
-    tracker.handle_all([
-        sent(ts=1.0), received(ts=1.1), ev("task-started", ts=1.2),
-        sent(ts=1.3, retries=1, eta="1970-01-01T00:00:01.400000+00:00"),
-        received(ts=1.35, retries=1), ev("task-retried", ts=1.36, exception="Retry()"),
-        ev("task-started", ts=1.5), ev("task-succeeded", ts=1.6, runtime=0.1),
-    ])  # fmt: skip
+    tracker.handle_all(
+        [
+            sent(ts=1.0),
+            received(ts=1.1),
+            ev("task-started", ts=1.2),
+            sent(ts=1.3, retries=1, eta="1970-01-01T00:00:01.400000+00:00"),
+            received(ts=1.35, retries=1),
+            ev("task-retried", ts=1.36, exception="Retry()"),
+            ev("task-started", ts=1.5),
+            ev("task-succeeded", ts=1.6, runtime=0.1),
+        ]
+    )
     key = ("app.add", "q1")
     assert tracker.task_counts["task-sent"] == {key: 2}
     assert tracker.task_counts["task-received"] == {key: 2}
@@ -168,11 +199,13 @@ def test_retry_as_prefork_orders_it(tracker: Tracker) -> None:
 
 
 def test_unknown_task_takes_its_name_from_not_registered(tracker: Tracker, clock: Clock) -> None:
-    tracker.handle_all([
-        sent(name="no.such.task"),
-        ev("task-failed", exception="NotRegistered('no.such.task')"),
-        ev("task-failed", uuid="t2", exception="NotRegistered('other.task')"),
-    ])  # fmt: skip
+    tracker.handle_all(
+        [
+            sent(name="no.such.task"),
+            ev("task-failed", exception="NotRegistered('no.such.task')"),
+            ev("task-failed", uuid="t2", exception="NotRegistered('other.task')"),
+        ]
+    )
     clock.advance(2)  # t2's task-sent never comes
     tracker.release_expired()
     assert tracker.task_counts["task-failed"] == {
@@ -182,11 +215,16 @@ def test_unknown_task_takes_its_name_from_not_registered(tracker: Tracker, clock
 
 
 def test_revoked_before_received_and_rejected(tracker: Tracker) -> None:
-    tracker.handle_all([
-        sent(uuid="r1"), ev("task-revoked", uuid="r1", expired=False, terminated=False),
-        sent(uuid="j1"), received(uuid="j1"), ev("task-started", uuid="j1"),
-        ev("task-rejected", uuid="j1", requeue=True),
-    ])  # fmt: skip
+    tracker.handle_all(
+        [
+            sent(uuid="r1"),
+            ev("task-revoked", uuid="r1", expired=False, terminated=False),
+            sent(uuid="j1"),
+            received(uuid="j1"),
+            ev("task-started", uuid="j1"),
+            ev("task-rejected", uuid="j1", requeue=True),
+        ]
+    )
     assert tracker.task_counts["task-revoked"] == {("app.add", "q1"): 1}
     assert tracker.task_counts["task-rejected"] == {("app.add", "q1"): 1}
     assert "j1" in tracker.inflight  # requeued: it will be delivered again
@@ -194,16 +232,44 @@ def test_revoked_before_received_and_rejected(tracker: Tracker) -> None:
 
 
 def test_missing_and_bad_fields_are_counted_not_fatal(tracker: Tracker) -> None:
-    tracker.handle_all([
-        {"type": "task-started"},
-        {"type": "task-succeeded", "uuid": 42},
-        {"type": "worker-heartbeat"},
-        {"type": "task-received", "uuid": "x", "name": None, "timestamp": "soon"},
-        {"type": "something-else"},
-    ])  # fmt: skip
+    tracker.handle_all(
+        [
+            {"type": "task-started"},
+            {"type": "task-succeeded", "uuid": 42},
+            {"type": "worker-heartbeat"},
+            {"type": "task-received", "uuid": "x", "name": None, "timestamp": "soon"},
+            {"type": "something-else"},
+        ]
+    )
     assert tracker.malformed == {"missing_uuid": 2, "missing_hostname": 1}
     assert tracker.events_by_type["other"] == 1
     assert tracker.event_types.overflow == 1
+
+
+def test_fields_of_the_wrong_type_never_stop_the_tracker(tracker: Tracker, clock: Clock) -> None:
+    tracker.handle_all(
+        [
+            {
+                "type": "task-sent",
+                "uuid": "z",
+                "name": ["a", "list"],
+                "queue": {"a": 1},
+                "retries": "x",
+                "eta": 5,
+                "timestamp": "x",
+            },
+            {"type": "task-received", "uuid": ["not", "hashable"], "name": "n"},
+            {"type": "task-started", "uuid": "z", "timestamp": None},
+            {"type": "task-succeeded", "uuid": "z", "timestamp": 1.0, "runtime": "fast"},
+            {"type": "worker-heartbeat", "hostname": "w@h", "active": "many"},
+        ]
+    )
+    clock.advance(2)
+    tracker.release_expired()
+    assert tracker.task_counts["task-sent"] == {("unknown", "unknown"): 1}
+    assert tracker.task_counts["task-succeeded"] == {("unknown", "unknown"): 1}
+    assert tracker.malformed == {"missing_uuid": 1}
+    assert [v.active for v in tracker.worker_views()] == [0]
 
 
 def test_label_limits_map_overflow_to_other_and_count_it(clock: Clock) -> None:
@@ -213,8 +279,10 @@ def test_label_limits_map_overflow_to_other_and_count_it(clock: Clock) -> None:
         tracker.handle(ev("task-failed", uuid=f"u{i}", exception=f"E{i}()"))
     assert tracker.task_counts["task-sent"] == {("a", "q1"): 1, ("b", "q1"): 1, ("other", "q1"): 2}
     assert tracker.task_counts["task-failed"] == {
-        ("a", "q1", "E0"): 1, ("b", "q1", "other"): 1, ("other", "q1", "other"): 2,
-    }  # fmt: skip
+        ("a", "q1", "E0"): 1,
+        ("b", "q1", "other"): 1,
+        ("other", "q1", "other"): 2,
+    }
     assert tracker.label_overflows()["name"] == 2
     assert tracker.label_overflows()["exception"] == 3
 
@@ -267,13 +335,16 @@ def test_worker_table_is_bounded(clock: Clock) -> None:
         ("ValueError('boom')", None, "ValueError"),
         ("mod.sub.Custom(1, 2)", None, "Custom"),
         ("reject requeue=False: nope", "Tb\ncelery.exceptions.Reject: ('nope', False)\n", "Reject"),
-        ("ExceptionWithTraceback()", "Tb\n  File x\nbilliard.exceptions.TimeLimitExceeded: T\n",
-         "TimeLimitExceeded"),
+        (
+            "ExceptionWithTraceback()",
+            "Tb\n  File x\nbilliard.exceptions.TimeLimitExceeded: T\n",
+            "TimeLimitExceeded",
+        ),
         ("KeyboardInterrupt", "Tb\nKeyboardInterrupt\n", "KeyboardInterrupt"),
         (None, None, "unknown"),
         ("???", "", "unknown"),
     ],
-)  # fmt: skip
+)
 def test_exception_class(exception: object, traceback: object, expected: str) -> None:
     assert exception_class(exception, traceback) == expected
 

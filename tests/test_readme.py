@@ -1,0 +1,38 @@
+"""The README documents every metric of the catalogue and every flag of the exporter."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from exporter.cli import build_parser
+from exporter.metrics import CATALOGUE
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def table(marker: str) -> list[list[str]]:
+    block = README.split(f"<!-- {marker}:start -->")[1].split(f"<!-- {marker}:end -->")[0]
+    rows = [line for line in block.strip().splitlines()[2:] if line.startswith("|")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+
+
+def test_metric_table_equals_the_catalogue() -> None:
+    documented = {
+        (name.strip("`"), kind, tuple(re.findall(r"`(\w+)`", labels)))
+        for name, kind, labels, _meaning in table("metrics")
+    }
+    assert documented == {(spec.name, spec.type, spec.labels) for spec in CATALOGUE}
+
+
+def test_flag_table_lists_every_exporter_flag() -> None:
+    parser = build_parser({})
+    exporter = parser._subparsers._group_actions[0].choices["exporter"]  # type: ignore[union-attr]
+    flags = {
+        option
+        for action in exporter._actions
+        for option in action.option_strings
+        if option.startswith("--") and option != "--help"
+    }
+    documented = {flag for row in table("flags") for flag in re.findall(r"`(--[\w.-]+)`", row[0])}
+    assert documented == flags
