@@ -114,15 +114,18 @@ class EventConsumer:
 
     def _event_queue(self, connection: Connection) -> Queue:
         options = self._queue_options
+        amqp = connection.transport.driver_type == "amqp"
         arguments: dict[str, Any] = {}
-        if connection.transport.driver_type == "amqp":
+        if amqp:
             arguments = {"x-max-length": options.max_length, "x-overflow": "drop-head"}
         return Queue(
             self._queue_name,
             exchange=get_exchange(connection),
             routing_key="#",
             durable=False,
-            auto_delete=False,
+            # RabbitMQ: outlive our reconnects (x-expires cleans up). Elsewhere events are
+            # pub/sub and nothing waits in the queue; auto-delete drops the binding on exit.
+            auto_delete=not amqp,
             message_ttl=options.ttl,
             expires=options.expires,
             queue_arguments=arguments,

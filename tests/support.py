@@ -206,6 +206,16 @@ class WorkerProcess(Process):
         )
 
 
+def run_exporter_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run `celery-obs exporter ARGS` to completion (for startup errors)."""
+    return subprocess.run(
+        [sys.executable, "-m", "exporter", "exporter", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def producer(broker_url: str, queue: str) -> Celery:
     """A producer app like the user's: publishes by task name, with task-sent events."""
     app = Celery("obs_producer", broker=broker_url, set_as_current=False)

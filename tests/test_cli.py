@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import signal
-import subprocess
+import socket
 import sys
 
 import pytest
@@ -12,7 +12,7 @@ from exporter.cli import build_parser, main
 from exporter.config import config_from_args, env_name
 from exporter.metrics import DEFAULT_BUCKETS
 
-from support import Process, Scrape, free_port, http_get, wait_for
+from support import Process, Scrape, free_port, http_get, run_exporter_cli, wait_for
 
 
 def parse(argv: list[str], environ: dict[str, str] | None = None):
@@ -143,25 +143,11 @@ def test_help_names_every_flags_environment_variable(capsys) -> None:
 
 def test_listen_address_in_use_is_a_clear_error() -> None:
     port = free_port()
-    import socket
-
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port))
         taken.listen()
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "exporter",
-                "exporter",
-                "--broker-url",
-                "memory://",
-                "--web.listen-address",
-                f"127.0.0.1:{port}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
+        result = run_exporter_cli(
+            "--broker-url", "memory://", "--web.listen-address", f"127.0.0.1:{port}"
         )
     assert result.returncode == 2
     assert f"celery-obs: cannot listen on 127.0.0.1:{port}:" in result.stderr

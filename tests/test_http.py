@@ -8,7 +8,6 @@ import http.client
 import shutil
 import ssl
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter
 from exporter.http import MetricsServer, parse_listen_address
 from exporter.webconfig import WebConfigError, load_web_config
 
-from support import ExporterProcess, free_port, http_get, wait_for
+from support import ExporterProcess, free_port, http_get, run_exporter_cli, wait_for
 
 PASSWORD = "correct horse"
 
@@ -231,22 +230,13 @@ def test_exporter_cli_serves_https_with_basic_auth(tmp_path: Path, certificate) 
 def test_malformed_web_config_stops_the_cli_at_startup(tmp_path: Path) -> None:
     path = tmp_path / "web.yml"
     path.write_text("basic_auth_users:\n  alice: hunter2\n")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "exporter",
-            "exporter",
-            "--broker-url",
-            "memory://",
-            "--web.listen-address",
-            f"127.0.0.1:{free_port()}",
-            "--web.config.file",
-            str(path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    result = run_exporter_cli(
+        "--broker-url",
+        "memory://",
+        "--web.listen-address",
+        f"127.0.0.1:{free_port()}",
+        "--web.config.file",
+        str(path),
     )
     assert result.returncode == 2
     assert result.stderr.strip().endswith(
