@@ -276,6 +276,14 @@ def add_exporter_arguments(
         help="RabbitMQ: most events held in the exporter's queue (oldest dropped).",
     )
     env.add(
+        "--max-backlog-mb",
+        default=64,
+        type=_positive(int),
+        metavar="MB",
+        help="Redis: memory for events read off the socket but not yet processed; past it "
+        "the reader pauses and a burst waits in the server's pub/sub buffer.",
+    )
+    env.add(
         "--log-level",
         default="info",
         type=parse_log_level,
@@ -316,6 +324,7 @@ def config_from_args(args: argparse.Namespace) -> ExporterConfig:
             ttl=args.event_queue_ttl,
             expires=args.event_queue_expires,
             max_length=args.event_queue_max_length,
+            max_backlog_bytes=args.max_backlog_mb * 1024 * 1024,
         ),
         log_level=args.log_level,
     )

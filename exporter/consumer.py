@@ -26,7 +26,8 @@ from celery.events.event import get_exchange
 from kombu import Connection, Consumer, Queue
 from kombu.message import Message
 
-from .events import EventDecoder, MalformedMessage
+from .events import Event, EventDecoder, MalformedMessage
+from .redis_stream import BacklogStats, open_stream
 from .tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class BrokerStatus:
     last_error: str = ""
     disconnected_at: float = field(default_factory=time.monotonic)
     last_poll: float = 0.0  # monotonic time of the consumer loop's last turn
+    backlog: BacklogStats = field(default_factory=BacklogStats)
 
     def health(self, now: float | None = None, stall_after: float = 30.0) -> tuple[bool, str]:
         now = time.monotonic() if now is None else now
@@ -60,6 +62,8 @@ class EventQueueOptions:
     ttl: float = 60.0
     expires: float = 300.0
     max_length: int = 500_000
+    #: Redis: most bytes read off the socket but not yet processed (drain-first backlog).
+    max_backlog_bytes: int = 64 * 1024 * 1024
 
 
 class EventConsumer:
@@ -100,10 +104,18 @@ class EventConsumer:
 
     # -- message path -------------------------------------------------------------------------
 
+    def on_payload(self, payload: bytes) -> None:
+        """A Redis pub/sub payload: kombu's envelope around the event body."""
+        self._process(self._decoder.decode_envelope, payload)
+
     def on_message(self, message: Message) -> None:
+        """A message delivered by kombu (RabbitMQ and every other transport)."""
+        self._process(self._decoder.decode, message.body, message.content_type)
+
+    def _process(self, decode: Callable[..., list[Event]], *raw: Any) -> None:
         with self._lock:
             try:
-                events = self._decoder.decode(message.body, message.content_type)
+                events = decode(*raw)
             except MalformedMessage as exc:
                 self._tracker.count_malformed(exc.reason)
                 log.debug("skipped malformed event message: %s", exc)
@@ -148,24 +160,37 @@ class EventConsumer:
         self.status.connected = False
 
     def _consume(self, connection: Connection) -> None:
-        channel = connection.channel()
         queue = self._event_queue(connection)
+        stream = open_stream(
+            connection, queue, self.status.backlog, self._queue_options.max_backlog_bytes
+        )
+        if stream is not None:
+            self._connected()
+            stream.run(self.on_payload, self._stopping, self._tick)
+            return
+        channel = connection.channel()
         with Consumer(channel, queues=[queue], on_message=self.on_message, no_ack=True):
-            self.status.connected = True
-            self.status.last_error = ""
-            if self._sessions:
-                self.status.reconnects += 1
-            self._sessions += 1
-            log.info("consuming events from %s", self.status.broker)
-            if self._on_connected is not None:
-                self._on_connected()
+            self._connected()
             heartbeat_check = connection.heartbeat_check if connection.heartbeat else None
             while not self._stopping.is_set():
-                self.status.last_poll = time.monotonic()
+                self._tick()
                 with contextlib.suppress(TimeoutError):  # a quiet second, not an error
                     connection.drain_events(timeout=self._poll_timeout)
                 if heartbeat_check is not None:
                     heartbeat_check()
+
+    def _tick(self) -> None:
+        self.status.last_poll = time.monotonic()
+
+    def _connected(self) -> None:
+        self.status.connected = True
+        self.status.last_error = ""
+        if self._sessions:
+            self.status.reconnects += 1
+        self._sessions += 1
+        log.info("consuming events from %s", self.status.broker)
+        if self._on_connected is not None:
+            self._on_connected()
 
     def _disconnected(self, exc: BaseException) -> None:
         was_connected = self.status.connected
