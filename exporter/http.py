@@ -19,14 +19,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import bcrypt
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 
 from .webconfig import WebConfig
 
 log = logging.getLogger(__name__)
 
 HealthCheck = Callable[[], tuple[bool, str]]
+#: Produces the /metrics body and its content type.
+Render = Callable[[], tuple[bytes, str]]
 
 _PLAIN_HTTP_TO_HTTPS = (
     b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -88,13 +88,13 @@ class MetricsServer(ThreadingHTTPServer):
     def __init__(
         self,
         address: tuple[str, int],
-        registry: CollectorRegistry,
+        render: Render,
         health: HealthCheck,
         web_config: WebConfig | None = None,
     ) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
-        self.registry = registry
+        self.render = render
         self.health = health
         self.web_config = web_config or WebConfig()
         self.auth = (
@@ -156,8 +156,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
-            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-            body = encoder(server.registry)
+            body, content_type = server.render()
             extra = {}
             if "gzip" in (self.headers.get("Accept-Encoding") or ""):
                 body = gzip.compress(body, compresslevel=1)

@@ -225,6 +225,17 @@ EXPORTER_QUEUE_PROBE_ERRORS = MetricSpec(
     "counter",
     "Queue length probes that failed (the last known length is kept).",
 )
+EXPORTER_BACKLOG_BYTES = MetricSpec(
+    "celery_exporter_backlog_bytes",
+    "gauge",
+    "Redis: event bytes read off the socket and not yet processed.",
+)
+EXPORTER_BACKLOG_FULL = MetricSpec(
+    "celery_exporter_backlog_full_total",
+    "counter",
+    "Redis: times the backlog reached --max-backlog-mb and reading paused (the server's "
+    "pub/sub buffer then fills, and past its limit the server disconnects us).",
+)
 EXPORTER_BUILD_INFO = MetricSpec(
     "celery_exporter_build_info",
     "gauge",
@@ -253,6 +264,8 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     EXPORTER_LABEL_OVERFLOW,
     EXPORTER_NEGATIVE_DURATIONS,
     EXPORTER_QUEUE_PROBE_ERRORS,
+    EXPORTER_BACKLOG_BYTES,
+    EXPORTER_BACKLOG_FULL,
     EXPORTER_BUILD_INFO,
 )
 

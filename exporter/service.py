@@ -1,7 +1,8 @@
 """Wire the stages together: consumer -> tracker -> collector -> http, plus the background probes.
 
-`Exporter` owns the threads and nothing else; each stage stays testable on its own. The registry
-is injected (a fresh `CollectorRegistry` by default, never the process-global one).
+`Exporter` owns the threads and nothing else; each stage stays testable on its own. Metrics are
+rendered by its own `Exposition`, never through prometheus_client's process-global registry
+(`collector.CeleryCollector` adapts it to a registry of your own if you want one).
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 
 from kombu import Connection
-from prometheus_client import CollectorRegistry
 
-from .collector import CeleryCollector
+from .collector import CONTENT_TYPE, Exposition
 from .config import ExporterConfig
 from .consumer import BrokerStatus, EventConsumer
 from .control import WorkerControl
@@ -38,7 +38,6 @@ class Exporter:
     def __init__(
         self,
         config: ExporterConfig,
-        registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
@@ -70,13 +69,13 @@ class Exporter:
             self.queue_lengths,
             config.queue_poll_interval,
         )
-        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        self.registry.register(
-            CeleryCollector(
-                self.tracker, self.lock, self.status, self.queue_lengths, package_version()
-            )
+        self.exposition = Exposition(
+            self.tracker, self.lock, self.status, self.queue_lengths, package_version()
         )
-        self.server = MetricsServer(address, self.registry, self.status.health, web_config)
+        self.server = MetricsServer(address, self._render, self.status.health, web_config)
+
+    def _render(self) -> tuple[bytes, str]:
+        return self.exposition.render(), CONTENT_TYPE
 
     def connect(self) -> Connection:
         return Connection(

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter import metrics as m
-from exporter.collector import CeleryCollector
+from exporter.collector import CeleryCollector, Exposition
 from exporter.consumer import BrokerStatus
 from exporter.queues import QueueLengths
 from exporter.tracker import Limits, Tracker
@@ -29,7 +29,9 @@ def parts(clock: Clock):
     status = BrokerStatus(broker="redis://h:6379//", connected=True, reconnects=2)
     lengths = QueueLengths()
     registry = CollectorRegistry()
-    registry.register(CeleryCollector(tracker, threading.Lock(), status, lengths, "1.2.3"))
+    registry.register(
+        CeleryCollector(Exposition(tracker, threading.Lock(), status, lengths, "1.2.3"))
+    )
     return tracker, lengths, registry
 
 

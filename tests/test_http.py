@@ -14,7 +14,7 @@ from pathlib import Path
 
 import bcrypt
 import pytest
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from exporter.http import MetricsServer, parse_listen_address
 from exporter.webconfig import WebConfigError, load_web_config
@@ -82,7 +82,12 @@ def registry() -> CollectorRegistry:
 
 
 def serve(registry: CollectorRegistry, web_config=None, health=lambda: (True, "ok: fine")):
-    server = MetricsServer(("127.0.0.1", 0), registry, health, web_config)
+    server = MetricsServer(
+        ("127.0.0.1", 0),
+        lambda: (generate_latest(registry), CONTENT_TYPE_LATEST),
+        health,
+        web_config,
+    )
     server.serve_in_thread()
     return server
 
@@ -217,7 +222,7 @@ def test_exporter_cli_serves_https_with_basic_auth(tmp_path: Path, certificate) 
 
         wait_for(serving, 30, "the exporter serving HTTPS")
         status, body = http_get(f"{url}/metrics", basic("prometheus", PASSWORD), client)
-        assert status == 200 and "celery_exporter_broker_connected 1.0" in body
+        assert status == 200 and "\ncelery_exporter_broker_connected 1\n" in body
         assert http_get(f"{url}/metrics", basic("prometheus", "nope"), client)[0] == 401
         assert http_get(f"http://127.0.0.1:{exporter.port}/metrics") == (
             400,
