@@ -14,27 +14,12 @@ MetricType = Literal["counter", "gauge", "histogram"]
 
 #: Default histogram buckets (seconds). Celery tasks range from milliseconds to hours (reports,
 #: ETL, long-running exports), so the buckets reach 4 h instead of prometheus_client's 10 s.
+#: Every bucket is a series per task name and histogram (four histograms per task), so there
+#: are 15, not 20: at 50 task names that is 3,600 series and 400 kB a scrape instead of 4,600.
 DEFAULT_BUCKETS: tuple[float, ...] = (
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-    120.0,
-    300.0,
-    600.0,
-    1800.0,
-    3600.0,
-    7200.0,
-    14400.0,
+    *(0.01, 0.05, 0.1, 0.25, 0.5),
+    *(1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+    *(300.0, 900.0, 3600.0, 14400.0),
 )
 
 #: Label value used when a task name, exception or queue is beyond its cardinality limit.

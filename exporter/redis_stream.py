@@ -66,8 +66,12 @@ class RedisEventStream:
         self._stopping = threading.Event()
         self._reader = threading.Thread(target=self._read, name="redis-reader", daemon=True)
 
-    def run(self, on_payload: Callable[[bytes], None], stopping: threading.Event,
-            on_idle: Callable[[], None]) -> None:  # fmt: skip
+    def run(
+        self,
+        on_payload: Callable[[bytes], None],
+        stopping: threading.Event,
+        on_idle: Callable[[], None],
+    ) -> None:
         """Process messages until `stopping` is set; raises StreamClosed when Redis goes away."""
         self._reader.start()
         parser = hiredis.Reader()
@@ -124,8 +128,9 @@ class RedisEventStream:
         chunks.put(None)
 
 
-def open_stream(connection: Connection, queue: Queue, stats: BacklogStats,
-                max_backlog_bytes: int) -> RedisEventStream | None:  # fmt: skip
+def open_stream(
+    connection: Connection, queue: Queue, stats: BacklogStats, max_backlog_bytes: int
+) -> RedisEventStream | None:
     """Declare the event queue's binding and subscribe; None if the fast path cannot be used."""
     if not HAVE_HIREDIS or connection.transport.driver_type != "redis":
         return None

@@ -69,7 +69,7 @@ _NOT_REGISTERED = re.compile(r"NotRegistered\((['\"])(.+)\1\)")
 class Limits:
     """Bounds on memory and label cardinality; see the CLI flags of the same names."""
 
-    max_task_names: int = 1000
+    max_task_names: int = 500
     max_exceptions: int = 200
     max_queues: int = 200
     max_workers: int = 2000
