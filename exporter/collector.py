@@ -12,14 +12,10 @@ Nothing here talks to the broker: queue lengths come from the background probe's
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
-
-from prometheus_client.core import Metric
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
+from typing import TYPE_CHECKING, Any
 
 from . import metrics as m
 from .tracker import Histogram, LabelKey, Tracker
@@ -39,8 +35,15 @@ def _labels(names: Sequence[str], values: Iterable[str]) -> str:
     return ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True))
 
 
+def _float(value: float) -> str:
+    """A float as the text format wants it: Python's repr, with Prometheus' spelling of Inf."""
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))  # 'nan' parses as NaN
+
+
 def _number(value: float) -> str:
-    return str(value) if type(value) is int else floatToGoString(value)
+    return str(value) if type(value) is int else _float(value)
 
 
 class Exposition:
@@ -63,7 +66,7 @@ class Exposition:
             spec.name: f"# HELP {spec.name} {spec.help}\n# TYPE {spec.name} {spec.type}\n"
             for spec in m.CATALOGUE
         }
-        self._les = [floatToGoString(b) for b in tracker.buckets] + ["+Inf"]
+        self._les = [_float(b) for b in tracker.buckets] + ["+Inf"]
         # (metric name, label values) -> the series' text up to its value; bounded by the
         # label limits, so it never outgrows the state it mirrors.
         self._prefixes: dict[tuple[str, LabelKey], str] = {}
@@ -116,7 +119,7 @@ class Exposition:
             for prefix, count in zip(buckets, hist.counts, strict=True):
                 cumulative += count
                 out.append(f"{prefix}{cumulative}\n")
-            out.append(f"{self._prefix(spec, key, '_sum')}{floatToGoString(hist.sum)}\n")
+            out.append(f"{self._prefix(spec, key, '_sum')}{_float(hist.sum)}\n")
             out.append(f"{self._prefix(spec, key, '_count')}{cumulative}\n")
 
     # -- families -----------------------------------------------------------------------------
@@ -159,11 +162,16 @@ class Exposition:
         self._single(out, m.EXPORTER_QUEUE_PROBE_ERRORS, errors)
 
 
-class CeleryCollector(Collector):
-    """The exposition as a prometheus_client collector (parsed back from its own text)."""
+class CeleryCollector:
+    """The exposition as a prometheus_client collector (parsed back from its own text).
+
+    prometheus_client is imported only here: the exporter itself never needs its ~10 MB.
+    """
 
     def __init__(self, exposition: Exposition) -> None:
         self.exposition = exposition
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.parser import text_string_to_metric_families
+
         yield from text_string_to_metric_families(self.exposition.render().decode())
