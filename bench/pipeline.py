@@ -38,8 +38,10 @@ def main() -> None:
         profiler.disable()
     took = time.perf_counter() - started
     events = len(workload.events)
-    print(f"{events:,} events in {len(payloads):,} messages: {took:.2f}s, "
-          f"{took / events * 1e6:.2f} us/event, {events / took:,.0f} events/s")
+    print(
+        f"{events:,} events in {len(payloads):,} messages: {took:.2f}s, "
+        f"{took / events * 1e6:.2f} us/event, {events / took:,.0f} events/s"
+    )
     assert sum(tracker.events_by_type.values()) == events
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(18)

@@ -67,8 +67,19 @@ class RedisServer:
     def __init__(self, default_limits: bool) -> None:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="bench-redis-")
-        self.args = [shutil.which("redis-server") or "redis-server", "--port", str(self.port),
-                     "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", self.dir]
+        self.args = [
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self.dir,
+        ]
         if not default_limits:
             self.args += ["--client-output-buffer-limit", "pubsub 0 0 0"]
         self.start()
@@ -120,8 +131,18 @@ class ReceiverSubject(Subject):
     name = "celery Receiver (count only)"
 
     def __init__(self, url: str, expect: int, idle: float) -> None:
-        super().__init__([sys.executable, str(ROOT / "bench" / "bare_receiver.py"),
-                          "--broker-url", url, "--expect", str(expect), "--idle", str(idle)])
+        super().__init__(
+            [
+                sys.executable,
+                str(ROOT / "bench" / "bare_receiver.py"),
+                "--broker-url",
+                url,
+                "--expect",
+                str(expect),
+                "--idle",
+                str(idle),
+            ]
+        )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -148,6 +169,7 @@ class ExporterSubject(Subject):
     name = "celery-obs exporter"
 
     def __init__(self, url: str, extra: list[str]) -> None:
+        self.url = url
         self.port = free_port()
         super().__init__([sys.executable, "-m", "exporter", "exporter", "--broker-url", url,
                           "--web.listen-address", f"127.0.0.1:{self.port}",
@@ -192,14 +214,16 @@ class ExporterSubject(Subject):
         return statistics.median(took), size
 
 
-def wait_ready(subject: Subject, url: str, timeout: float = 60) -> None:
+def wait_ready(subject: Subject, url: str, timeout: float = 60, ready=None) -> None:
     probe = eventgen.Workload(tasks=0)
-    probe.events = [{"type": "worker-heartbeat", "hostname": PROBE_HOST, "timestamp": time.time(),
+    # worker-online: a type the workload never sends, so probes never mix with its counts.
+    probe.events = [{"type": "worker-online", "hostname": PROBE_HOST, "timestamp": time.time(),
                      "utcoffset": 0, "freq": 2.0, "active": 0, "processed": 0}]  # fmt: skip
     wire = eventgen.encode_for(url, probe)
     publisher = eventgen.publisher_for(url)
     deadline = time.monotonic() + timeout
-    while not subject.ready():
+    ready = ready or subject.ready
+    while not ready():
         if subject.proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"{subject.name} did not become ready")
         publisher.publish(wire)
@@ -233,7 +257,7 @@ def run_subject(kind: str, scenario: str, url: str, workload: eventgen.Workload,
                 assert redis is not None
                 redis.stop()
                 redis.start()
-                time.sleep(2)  # the exporter's reconnect backoff; events sent before it are lost
+                wait_reconnected(subject)
                 publisher = eventgen.publisher_for(url)
                 publisher.publish(wire[half:], args.rate)
             else:
@@ -266,6 +290,22 @@ def run_subject(kind: str, scenario: str, url: str, workload: eventgen.Workload,
         subject.close()
 
 
+def wait_reconnected(subject: Subject, timeout: float = 60) -> None:
+    """Events published before the subscriber is back are lost by pub/sub design: wait."""
+    if not isinstance(subject, ExporterSubject):
+        raise SystemExit("the restart scenario needs --subjects exporter")
+    deadline = time.monotonic() + timeout
+    while subject.samples("celery_exporter_broker_connected") != {
+        "celery_exporter_broker_connected": 1.0
+    }:
+        if time.monotonic() > deadline:
+            raise SystemExit("the exporter did not reconnect")
+        time.sleep(0.1)  # polling interval
+    # Connected is not yet subscribed: probe until a probe heartbeat is counted again.
+    before = subject.baseline()["worker-online"]
+    wait_ready(subject, subject.url, ready=lambda: subject.baseline()["worker-online"] > before)
+
+
 def wait_exporter(subject: ExporterSubject, base: Counter, expected: int,
                   args: argparse.Namespace, rss: list[float]) -> tuple[Counter, float]:  # fmt: skip
     last_total, last_change = -1, time.monotonic()
@@ -283,12 +323,16 @@ def wait_exporter(subject: ExporterSubject, base: Counter, expected: int,
 
 
 def report(results: list[dict], workload: eventgen.Workload, scenario: str) -> None:
-    print(f"\n{scenario}: {len(workload.events):,} events, {workload.tasks:,} tasks, "
-          f"{workload.workers} workers, {workload.names} names, batch {workload.batch}")
+    print(
+        f"\n{scenario}: {len(workload.events):,} events, {workload.tasks:,} tasks, "
+        f"{workload.workers} workers, {workload.names} names, batch {workload.batch}"
+    )
     for r in results:
         rate = r["counted"] / r["seconds"]
-        line = (f"  {r['subject']:<30} {r['counted']:>9,}/{r['published']:,} events  "
-                f"{r['seconds']:7.2f}s  {rate:>9,.0f} events/s")
+        line = (
+            f"  {r['subject']:<30} {r['counted']:>9,}/{r['published']:,} events  "
+            f"{r['seconds']:7.2f}s  {rate:>9,.0f} events/s"
+        )
         if r["cpu"] is not None:
             line += f"  cpu {r['cpu']:.2f}s  peak RSS {r['peak_rss_mb']:.0f} MB"
             line += f"  scrape {r['scrape_ms']:.1f} ms / {r['scrape_bytes'] / 1024:.0f} kB"
@@ -299,8 +343,10 @@ def report(results: list[dict], workload: eventgen.Workload, scenario: str) -> N
             print(f"    lost: {r['lost']}")
         if r["rss_samples"] and len(r["rss_samples"]) >= 4:
             s = r["rss_samples"]
-            print(f"    RSS during run: {s[len(s) // 4]:.0f} / {s[len(s) // 2]:.0f} / "
-                  f"{s[3 * len(s) // 4]:.0f} / {s[-1]:.0f} MB (quartiles, last)")
+            print(
+                f"    RSS during run: {s[len(s) // 4]:.0f} / {s[len(s) // 2]:.0f} / "
+                f"{s[3 * len(s) // 4]:.0f} / {s[-1]:.0f} MB (quartiles, last)"
+            )
     by = {r["subject"]: r for r in results}
     if len(by) == 2:
         ours, theirs = by[ExporterSubject.name], by[ReceiverSubject.name]
@@ -309,13 +355,17 @@ def report(results: list[dict], workload: eventgen.Workload, scenario: str) -> N
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("scenario", choices=["drain", "live", "burst", "restart"])
     parser.add_argument("--broker", choices=["redis", "amqp"], default="redis")
     parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672//")
     parser.add_argument("--subjects", default="receiver,exporter")
     parser.add_argument("--rate", type=float, default=0, help="live: messages/s (0: full speed)")
-    parser.add_argument("--idle", type=float, default=10.0, help="give up after this long without progress")
+    parser.add_argument(
+        "--idle", type=float, default=10.0, help="give up after this long without progress"
+    )
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--exporter-arg", action="append", default=[], help="extra exporter flag")
     eventgen.add_workload_arguments(parser)
