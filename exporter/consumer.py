@@ -26,8 +26,9 @@ from celery.events.event import get_exchange
 from kombu import Connection, Consumer, Queue
 from kombu.message import Message
 
+from . import amqp_stream, redis_stream
 from .events import Event, EventDecoder, MalformedMessage
-from .redis_stream import BacklogStats, open_stream
+from .redis_stream import BacklogStats
 from .tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -135,8 +136,12 @@ class EventConsumer:
         self._process(self._decoder.decode_envelope, payload)
 
     def on_message(self, message: Message) -> None:
-        """A message delivered by kombu (RabbitMQ and every other transport)."""
+        """A message delivered by kombu (transports without a fast path of their own)."""
         self._process(self._decoder.decode, message.body, message.content_type)
+
+    def on_body(self, body: bytes, content_type: str | None) -> None:
+        """A message body read straight off an AMQP socket."""
+        self._process(self._decoder.decode, body, content_type)
 
     def _process(self, decode: Callable[..., list[Event]], *raw: Any) -> None:
         with self._lock:
@@ -187,7 +192,7 @@ class EventConsumer:
 
     def _consume(self, connection: Connection) -> None:
         queue = self._event_queue(connection)
-        stream = open_stream(
+        stream = redis_stream.open_stream(
             connection, queue, self.status.backlog, self._queue_options.max_backlog_bytes
         )
         if stream is not None:
@@ -199,6 +204,15 @@ class EventConsumer:
         with Consumer(channel, queues=[queue], on_message=self.on_message, no_ack=True):
             self._connected()
             heartbeat_check = connection.heartbeat_check if connection.heartbeat else None
+            fast = amqp_stream.open_stream(connection)
+            if fast is not None:
+
+                def idle() -> None:
+                    self._tick()
+                    if heartbeat_check is not None:
+                        heartbeat_check()
+
+                fast.run(self.on_body, self._stopping, idle)
             while not self._stopping.is_set():
                 self._tick()
                 with contextlib.suppress(TimeoutError):  # a quiet second, not an error

@@ -6,11 +6,13 @@ event exchange exactly as Celery's dispatcher does, at full speed.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from kombu import Connection
 
 from support import ExporterProcess, wait_for
 
@@ -22,8 +24,7 @@ pytestmark = pytest.mark.broker
 PROBE = "probe@stream-test"
 
 
-def wait_subscribed(exporter: ExporterProcess, url: str) -> None:
-    """Publish probe heartbeats until one is counted: the subscription is live."""
+def probe_wire(url: str) -> list:
     probe = eventgen.Workload(tasks=0)
     probe.events = [
         {
@@ -36,10 +37,15 @@ def wait_subscribed(exporter: ExporterProcess, url: str) -> None:
             "processed": 0,
         }
     ]
+    return eventgen.encode_for(url, probe)
+
+
+def wait_subscribed(exporter: ExporterProcess, url: str) -> None:
+    """Publish probe heartbeats until one is counted: the subscription is live."""
     publisher = eventgen.publisher_for(url)
 
     def seen() -> bool:
-        publisher.publish(eventgen.encode_for(url, probe))
+        publisher.publish(probe_wire(url))
         return exporter.scrape().value("celery_worker_up", hostname=PROBE) == 1
 
     wait_for(seen, 30, "the exporter to see a probe heartbeat", interval=0.3)
@@ -96,3 +102,38 @@ def test_exact_counts_at_full_speed(broker_url, start_exporter, batch):
     sent = scrape.series("celery_task_sent_total", "name", "queue_name")
     assert len(sent) == 10
     assert all(queue != "unknown" for _, queue in sent)
+
+
+def test_amqp_queue_deleted_under_the_exporter(amqp_url, rabbit_vhost, start_exporter):
+    """The broker cancels our consumer (here: our queue is deleted); we reconnect and go on."""
+    exporter = start_exporter(amqp_url, "--no-enable-events")
+    wait_subscribed(exporter, amqp_url)
+    with Connection(amqp_url) as connection:
+        channel = connection.channel()
+        ours = [q for q in list_queues(rabbit_vhost) if q.startswith("celeryev.celery-obs.")]
+        assert len(ours) == 1, ours
+        channel.queue_delete(ours[0])
+    exporter.wait_value("celery_exporter_broker_reconnects_total", 1)
+    exporter.wait_healthy()
+    publisher = eventgen.publisher_for(amqp_url)
+
+    def heartbeats() -> float:
+        return exporter.scrape().value("celery_exporter_events_total", type="worker-heartbeat")
+
+    before = heartbeats()
+
+    def counted_again() -> bool:
+        publisher.publish(probe_wire(amqp_url))
+        return heartbeats() > before
+
+    wait_for(counted_again, 30, "events counted after the reconnect", interval=0.3)
+
+
+def list_queues(vhost: str) -> list[str]:
+    result = subprocess.run(
+        ["rabbitmqctl", "list_queues", "-q", "-p", vhost or "/", "name"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [line.strip() for line in result.stdout.splitlines()[1:] if line.strip()]
