@@ -1,0 +1,155 @@
+"""Proven live: a real Prometheus scrapes the exporter watching a real worker on Redis, loads our
+rules (alert durations shortened for the test), and every recording rule returns data; a
+SIGKILLed worker drives CeleryWorkerDown to firing."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import tempfile
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from support import Process, free_port, http_get, producer, wait_for
+
+pytestmark = [
+    pytest.mark.broker,
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs Debian's prometheus"),
+]
+
+RULES = Path(__file__).resolve().parent.parent / "prometheus" / "rules"
+
+
+class Prometheus:
+    def __init__(self, target: str, workdir: Path) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        rule_files = []
+        for path in sorted(RULES.glob("*.yml")):
+            # Same rules, shorter `for:` so the test sees alerts fire in seconds.
+            text = re.sub(r"(\n\s+for: )\d+m", r"\g<1>3s", path.read_text())
+            (workdir / path.name).write_text(text)
+            rule_files.append(path.name)
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": rule_files,
+            "scrape_configs": [
+                {"job_name": "celery-exporter", "static_configs": [{"targets": [target]}]}
+            ],
+        }
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.process = Process(
+            [
+                shutil.which("prometheus") or "prometheus",
+                f"--config.file={workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+        )
+        wait_for(lambda: self._ready(), 30, "Prometheus ready")
+
+    def _ready(self) -> bool:
+        try:
+            return http_get(f"{self.base}/-/ready")[0] == 200
+        except OSError:
+            return False
+
+    def api(self, path: str, **params: str) -> dict:
+        status, body = http_get(f"{self.base}/api/v1/{path}?{urllib.parse.urlencode(params)}")
+        data = json.loads(body)
+        assert status == 200 and data["status"] == "success", body
+        return data["data"]
+
+    def query(self, expr: str) -> list:
+        return self.api("query", query=expr)["result"]
+
+    def close(self) -> None:
+        self.process.close()
+
+
+@pytest.fixture
+def prometheus_for() -> Iterator:
+    started: list[Prometheus] = []
+    workdir = Path(tempfile.mkdtemp(prefix="celery-obs-prometheus-"))
+
+    def start(target: str) -> Prometheus:
+        prometheus = Prometheus(target, workdir)
+        started.append(prometheus)
+        return prometheus
+
+    yield start
+    for prometheus in started:
+        prometheus.close()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def recording_rules() -> list[dict]:
+    return [
+        rule
+        for path in sorted(RULES.glob("*.yml"))
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+        if "record" in rule
+    ]
+
+
+def test_rules_return_data_and_a_killed_worker_fires(
+    redis_url, queue, start_exporter, start_worker, prometheus_for
+):
+    exporter = start_exporter(redis_url, "--worker-timeout", "3")
+    worker = start_worker(redis_url, queue)
+    exporter.wait_value("celery_worker_up", 1, hostname=worker.hostname)
+    prometheus = prometheus_for(f"127.0.0.1:{exporter.port}")
+
+    wait_for(lambda: prometheus.query('up{job="celery-exporter"} == 1'), 30, "a first scrape")
+
+    # rate() needs a counter to rise between scrapes: send in two rounds, the second after
+    # Prometheus has seen the first.
+    app = producer(redis_url, queue)
+    fail = {"name": "obs.fail_value", "queue_name": queue, "exception": "ValueError"}
+    for round_, (adds, fails) in enumerate([(10, 4), (20, 6)]):
+        for i in range(adds):
+            app.send_task("obs.add", (i, i))
+        for _ in range(fails):
+            app.send_task("obs.fail_value")
+        total = 4 if round_ == 0 else 10
+        selector = ",".join(f'{k}="{v}"' for k, v in fail.items())
+        wait_for(
+            lambda total=total, selector=selector: prometheus.query(
+                f"celery_task_failed_total{{{selector}}} == {total}"
+            ),
+            60,
+            f"{total} failures scraped",
+        )
+
+    # Every recording rule's expression returns data once Prometheus has a few scrapes.
+    for rule in recording_rules():
+        result = wait_for(
+            lambda rule=rule: prometheus.query(rule["expr"]), 60, f"data for {rule['record']}"
+        )
+        assert all(float(sample["value"][1]) == float(sample["value"][1]) for sample in result)
+
+    ratio = prometheus.query(
+        f'name_queue:celery_task_failure:ratio5m{{name="obs.fail_value",queue_name="{queue}"}}'
+    )
+    assert [float(s["value"][1]) for s in ratio] == [1.0]
+
+    worker.signal(signal.SIGKILL)
+
+    def firing() -> bool:
+        alerts = prometheus.api("alerts")["alerts"]
+        return any(
+            a["labels"]["alertname"] == "CeleryWorkerDown"
+            and a["labels"].get("hostname") == worker.hostname
+            and a["state"] == "firing"
+            for a in alerts
+        )
+
+    wait_for(firing, 60, "CeleryWorkerDown firing for the killed worker", interval=0.5)
