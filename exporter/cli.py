@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from .config import ExporterConfig, add_exporter_arguments, config_from_args
 from .service import Exporter, package_version
@@ -50,6 +51,25 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         default=10.0,
         metavar="N",
         help="Demo load: tasks sent per second [default 10]",
+    )
+
+    dashboards = commands.add_parser(
+        "dashboards",
+        help="Write the Grafana dashboards as JSON.",
+        description="Write the Grafana dashboards (grafanalib) as deterministic JSON files.",
+    )
+    dashboards.add_argument(
+        "--out",
+        default="grafana/dashboards",
+        metavar="DIR",
+        help="Directory to write into [default grafana/dashboards]",
+    )
+    dashboards.add_argument(
+        "--kibana-url",
+        default="http://localhost:5601",
+        metavar="URL",
+        help="Kibana base URL for the task log links (also a dashboard variable) "
+        "[default http://localhost:5601]",
     )
     return parser
 
@@ -127,10 +147,27 @@ def run_demo(config: ExporterConfig, tasks_per_second: float) -> int:
     return 0
 
 
+def write_dashboards(out: Path, kibana_url: str) -> int:
+    try:
+        from dashboards import write_all
+    except ImportError as exc:  # grafanalib is an optional extra
+        print(
+            f"celery-obs: dashboards need grafanalib ({exc}); "
+            "pip install 'celery-observability[dashboards]'",
+            file=sys.stderr,
+        )
+        return 2
+    for path in write_all(out, kibana_url):
+        print(f"wrote {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
     parser = build_parser(environ)
     args = parser.parse_args(argv)
+    if args.command == "dashboards":
+        return write_dashboards(Path(args.out), args.kibana_url)
     if args.command == "exporter" and not args.broker_url:
         parser.error(
             "exporter: --broker-url (or CELERY_OBS_BROKER_URL / CELERY_BROKER_URL) is required"

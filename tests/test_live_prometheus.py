@@ -25,6 +25,16 @@ pytestmark = [
 ]
 
 RULES = Path(__file__).resolve().parent.parent / "prometheus" / "rules"
+DASHBOARDS = Path(__file__).resolve().parent.parent / "grafana" / "dashboards"
+#: Grafana variables as a user who picked "All" would have them.
+VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__range": "5m",
+    "$job": ".*",
+    "$instance": ".*",
+    "$queue": ".*",
+    "$task": ".*",
+}
 
 
 class Prometheus:
@@ -100,7 +110,21 @@ def recording_rules() -> list[dict]:
     ]
 
 
-def test_rules_return_data_and_a_killed_worker_fires(
+def dashboard_queries() -> list[tuple[str, str, str]]:
+    """(dashboard, panel title, expression with variables substituted) for every target."""
+    queries = []
+    for path in sorted(DASHBOARDS.glob("*.json")):
+        for panel in json.loads(path.read_text())["panels"]:
+            for target in panel.get("targets", []):
+                expr = target["expr"]
+                for variable, value in VARIABLES.items():
+                    expr = expr.replace(variable, value)
+                assert "$" not in expr, expr
+                queries.append((path.name, panel["title"], expr))
+    return queries
+
+
+def test_rules_and_dashboards_return_data_and_a_killed_worker_fires(
     redis_url, queue, start_exporter, start_worker, prometheus_for
 ):
     exporter = start_exporter(redis_url, "--worker-timeout", "3")
@@ -119,6 +143,17 @@ def test_rules_return_data_and_a_killed_worker_fires(
             app.send_task("obs.add", (i, i))
         for _ in range(fails):
             app.send_task("obs.fail_value")
+        # Retries, rejections and a revoked countdown task feed the remaining panels.
+        app.send_task("obs.retry_once")
+        app.send_task("obs.reject")
+        eta = app.send_task("obs.add", (0, 0), countdown=2)
+        exporter.wait_value(
+            "celery_task_received_total",
+            11 if round_ == 0 else 32,
+            name="obs.add",
+            queue_name=queue,
+        )
+        app.control.revoke(eta.id)
         total = 4 if round_ == 0 else 10
         selector = ",".join(f'{k}="{v}"' for k, v in fail.items())
         wait_for(
@@ -135,6 +170,10 @@ def test_rules_return_data_and_a_killed_worker_fires(
             lambda rule=rule: prometheus.query(rule["expr"]), 60, f"data for {rule['record']}"
         )
         assert all(float(sample["value"][1]) == float(sample["value"][1]) for sample in result)
+
+    # Every target of every dashboard panel returns data too.
+    for dashboard, title, expr in dashboard_queries():
+        wait_for(lambda expr=expr: prometheus.query(expr), 30, f"data for {dashboard}: {title}")
 
     ratio = prometheus.query(
         f'name_queue:celery_task_failure:ratio5m{{name="obs.fail_value",queue_name="{queue}"}}'

@@ -1,0 +1,144 @@
+"""Celery overview: is the cluster healthy? Throughput, failures, latency, queues, workers."""
+
+from __future__ import annotations
+
+from grafanalib import core as g
+
+from exporter import metrics as m
+
+from .panels import (
+    QUANTILES,
+    Grid,
+    dashboard,
+    failure_percent,
+    kibana_link,
+    quantile,
+    rate,
+    selector,
+    stat,
+    timeseries,
+    top_table,
+    variables,
+)
+
+STATES = [kind.removeprefix("task-") for kind in m.TASK_COUNTERS]
+
+
+def latency_panel(grid: Grid, title: str, spec: m.MetricSpec, description: str) -> g.TimeSeries:
+    pairs = [(quantile(q, spec), f"p{round(q * 100)}") for q in QUANTILES]
+    return timeseries(grid, title, pairs, unit="s", width=8, description=description)
+
+
+def build(kibana_url: str) -> g.Dashboard:
+    grid = Grid()
+    failed = m.TASK_COUNTERS["task-failed"]
+    panels = [
+        grid.row("Tasks"),
+        timeseries(
+            grid,
+            "Task throughput by state",
+            [(rate(spec), kind.removeprefix("task-")) for kind, spec in m.TASK_COUNTERS.items()],
+            unit="ops",
+            width=16,
+            description="Task events per second, by lifecycle step.",
+        ),
+        timeseries(
+            grid,
+            "Failure rate",
+            [(failure_percent(), "failed %")],
+            unit="percent",
+            width=8,
+            description="Failed / (succeeded + failed).",
+        ),
+        latency_panel(grid, "Runtime", m.TASK_RUNTIME, "Execution time on the worker."),
+        latency_panel(
+            grid,
+            "Queue wait",
+            m.TASK_QUEUE_WAIT,
+            "task-sent (else task-received) to task-started, minus ETA delays.",
+        ),
+        latency_panel(
+            grid,
+            "End-to-end latency",
+            m.TASK_LATENCY,
+            "task-sent (else task-received) to success or failure.",
+        ),
+        top_table(
+            grid,
+            "Top failing tasks",
+            f"topk(10, sum by (name) (increase({selector(failed)}[$__range])))",
+            "name",
+            description="Failures over the dashboard's time range; click a task for its logs.",
+            links=[kibana_link("name")],
+        ),
+        top_table(
+            grid,
+            "Top exceptions",
+            f"topk(10, sum by (exception) (increase({selector(failed)}[$__range])))",
+            "exception",
+            description="Failures by exception class over the time range.",
+        ),
+        grid.row("Queues and workers"),
+        timeseries(
+            grid,
+            "Queue length",
+            [(f"sum by (queue_name) ({selector(m.QUEUE_LENGTH)})", "{{queue_name}}")],
+            width=12,
+            description="Messages waiting in each broker queue.",
+        ),
+        stat(
+            grid,
+            "Workers up",
+            f"sum({selector(m.WORKER_UP)} == 1) or vector(0)",
+            width=6,
+            height=4,
+            description="Workers sending heartbeats.",
+        ),
+        stat(
+            grid,
+            "Workers down",
+            f"count({selector(m.WORKER_UP)} == 0) or vector(0)",
+            width=6,
+            height=4,
+            description="Workers silent past --worker-timeout, kept for the retention.",
+            thresholds=[{"color": "green", "value": None}, {"color": "red", "value": 1}],
+        ),
+        timeseries(
+            grid,
+            "Active tasks per worker",
+            [(f"sum by (hostname) ({selector(m.WORKER_TASKS_ACTIVE)})", "{{hostname}}")],
+            width=12,
+            height=4,
+        ),
+        grid.row("Exporter"),
+        stat(
+            grid,
+            "Broker connected",
+            f"min({selector(m.EXPORTER_BROKER_CONNECTED)})",
+            thresholds=[{"color": "red", "value": None}, {"color": "green", "value": 1}],
+        ),
+        stat(grid, "Events/s", rate(m.EXPORTER_EVENTS), unit="ops"),
+        stat(
+            grid,
+            "Last event age",
+            f"time() - max({selector(m.EXPORTER_LAST_EVENT)})",
+            unit="s",
+            thresholds=[{"color": "green", "value": None}, {"color": "red", "value": 60}],
+        ),
+        stat(
+            grid,
+            "Malformed events",
+            f"sum(increase({selector(m.EXPORTER_MALFORMED)}[$__range])) or vector(0)",
+        ),
+        stat(
+            grid, "Evicted tasks", f"sum(increase({selector(m.EXPORTER_TASKS_EVICTED)}[$__range]))"
+        ),
+        stat(grid, "Reconnects", f"sum(increase({selector(m.EXPORTER_RECONNECTS)}[$__range]))"),
+    ]
+    return dashboard(
+        "Celery overview",
+        "celery-overview",
+        "Throughput, failures, latency, queues and workers of a Celery cluster (celery-obs).",
+        panels,
+        variables(kibana_url=kibana_url),
+    )

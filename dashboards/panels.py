@@ -1,0 +1,275 @@
+"""Shared pieces of every dashboard: variables, PromQL selectors, panel builders, layout.
+
+Metric names come from the exporter's catalogue (`exporter.metrics`), never retyped here. Panels
+use the datasource through the `datasource` variable's uid, and every query is filtered by the
+`job`/`instance` (and where it applies `queue`/`task`) variables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from grafanalib import core as g
+
+from exporter import metrics as m
+
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+SCHEMA_VERSION = 39
+DEFAULT_KIBANA_URL = "http://localhost:5601"
+
+#: label -> variable, in the order the filters are written.
+FILTERS = {"job": "job", "instance": "instance", "queue_name": "queue", "name": "task"}
+RATE = "$__rate_interval"
+QUANTILES = (0.5, 0.95, 0.99)
+
+
+def _matchers(labels: Sequence[str], fixed: dict[str, str]) -> str:
+    """Filters for every dashboard variable the metric has a label for, plus fixed values."""
+    matchers = [
+        f'{label}=~"${var}"'
+        for label, var in FILTERS.items()
+        if label in ("job", "instance") or label in labels
+    ]
+    matchers += [f'{label}="{value}"' for label, value in fixed.items()]
+    return ",".join(matchers)
+
+
+def selector(spec: m.MetricSpec, suffix: str = "", **fixed: str) -> str:
+    """`metric{job=~"$job",...}`."""
+    return f"{spec.name}{suffix}{{{_matchers(spec.labels, fixed)}}}"
+
+
+def any_of(specs: Sequence[m.MetricSpec], **fixed: str) -> str:
+    """`{__name__=~"a|b",job=~"$job",...}`: several counters summed as one."""
+    names = "|".join(spec.name for spec in specs)
+    common = [label for label in specs[0].labels if all(label in s.labels for s in specs)]
+    return f'{{__name__=~"{names}",{_matchers(common, fixed)}}}'
+
+
+def rate(spec: m.MetricSpec, by: Sequence[str] = (), **fixed: str) -> str:
+    grouping = f" by ({', '.join(by)})" if by else ""
+    return f"sum{grouping} (rate({selector(spec, **fixed)}[{RATE}]))"
+
+
+def quantile(q: float, spec: m.MetricSpec, by: Sequence[str] = (), **fixed: str) -> str:
+    labels = ", ".join(["le", *by])
+    inner = f"rate({selector(spec, '_bucket', **fixed)}[{RATE}])"
+    return f"histogram_quantile({q}, sum by ({labels}) ({inner}))"
+
+
+def finished_rate(by: Sequence[str] = (), **fixed: str) -> str:
+    both = any_of([m.TASK_COUNTERS["task-succeeded"], m.TASK_COUNTERS["task-failed"]], **fixed)
+    grouping = f" by ({', '.join(by)})" if by else ""
+    return f"sum{grouping} (rate({both}[{RATE}]))"
+
+
+def failure_percent(by: Sequence[str] = (), **fixed: str) -> str:
+    failed = rate(m.TASK_COUNTERS["task-failed"], by, **fixed)
+    return f"100 * ({failed}) / ({finished_rate(by, **fixed)} > 0)"
+
+
+def target(expr: str, legend: str = "", ref: str = "A", instant: bool = False) -> g.Target:
+    return g.Target(
+        expr=expr,
+        legendFormat=legend,
+        refId=ref,
+        datasource=DATASOURCE,
+        instant=instant,
+        format="table" if instant else "time_series",
+    )
+
+
+def targets(pairs: Iterable[tuple[str, str]]) -> list[g.Target]:
+    return [target(expr, legend, chr(ord("A") + i)) for i, (expr, legend) in enumerate(pairs)]
+
+
+def kibana_link(field: str = "name") -> dict:
+    """A data link to Kibana Discover, filtered on the task name of the clicked series."""
+    query = f'celery.task.name:"${{__field.labels.{field}}}"'
+    url = (
+        "${kibana_url}/app/discover#/?_g=(time:(from:'${__from:date}',to:'${__to:date}'))"
+        f"&_a=(query:(language:kuery,query:'{query}'))"
+    )
+    return {"title": "Logs of this task in Kibana", "url": url, "targetBlank": True}
+
+
+def with_links(links: list[dict]) -> dict:
+    return {"fieldConfig": {"defaults": {"links": links}}}
+
+
+class Grid:
+    """Places panels left to right on Grafana's 24-column grid, wrapping to new rows."""
+
+    def __init__(self) -> None:
+        self.x = self.y = self.row_height = 0
+
+    def pos(self, width: int, height: int) -> g.GridPos:
+        if self.x + width > 24:
+            self.x, self.y, self.row_height = 0, self.y + self.row_height, 0
+        pos = g.GridPos(h=height, w=width, x=self.x, y=self.y)
+        self.x += width
+        self.row_height = max(self.row_height, height)
+        return pos
+
+    def row(self, title: str) -> g.RowPanel:
+        if self.x:
+            self.x, self.y, self.row_height = 0, self.y + self.row_height, 0
+        panel = g.RowPanel(title=title, gridPos=g.GridPos(h=1, w=24, x=0, y=self.y))
+        self.y += 1
+        return panel
+
+
+def timeseries(
+    grid: Grid,
+    title: str,
+    pairs: Iterable[tuple[str, str]],
+    unit: str = "",
+    width: int = 12,
+    height: int = 8,
+    description: str = "",
+    extra: dict | None = None,
+) -> g.TimeSeries:
+    return g.TimeSeries(
+        title=title,
+        dataSource=DATASOURCE,
+        targets=targets(pairs),
+        unit=unit,
+        gridPos=grid.pos(width, height),
+        description=description,
+        legendDisplayMode="table",
+        legendPlacement="right",
+        legendCalcs=["lastNotNull", "max"],
+        extraJson=extra,
+    )
+
+
+def stat(
+    grid: Grid,
+    title: str,
+    expr: str,
+    unit: str = "none",
+    width: int = 4,
+    height: int = 4,
+    description: str = "",
+    thresholds: list[dict] | None = None,
+) -> g.Stat:
+    return g.Stat(
+        title=title,
+        dataSource=DATASOURCE,
+        targets=[target(expr)],
+        format=unit,
+        gridPos=grid.pos(width, height),
+        description=description,
+        reduceCalc="lastNotNull",
+        graphMode="none",
+        thresholds=thresholds or [],
+        colorMode="value" if thresholds else "none",
+    )
+
+
+def top_table(
+    grid: Grid,
+    title: str,
+    expr: str,
+    label: str,
+    width: int = 12,
+    height: int = 8,
+    description: str = "",
+    links: list[dict] | None = None,
+) -> g.Table:
+    """An instant top-k table of one label and its count over the dashboard's time range."""
+    return g.Table(
+        title=title,
+        dataSource=DATASOURCE,
+        targets=[target(expr, ref="A", instant=True)],
+        gridPos=grid.pos(width, height),
+        description=description,
+        transformations=[
+            {
+                "id": "organize",
+                "options": {
+                    "excludeByName": {"Time": True},
+                    "renameByName": {"Value": "count", label: label},
+                },
+            }
+        ],
+        sortBy=[g.TableSortByField(displayName="count", desc=True)],
+        extraJson=with_links(links) if links else None,
+    )
+
+
+def query_variable(
+    name: str, label: str, query: str, include_all: bool = True, multi: bool = True
+) -> g.Template:
+    return g.Template(
+        name=name,
+        label=label,
+        query=query,
+        dataSource=DATASOURCE,
+        includeAll=include_all,
+        multi=multi,
+        allValue=".*" if include_all else None,
+        default="$__all" if include_all else None,
+        refresh=2,
+        sort=1,
+    )
+
+
+def variables(task_single: bool = False, kibana_url: str = DEFAULT_KIBANA_URL) -> g.Templating:
+    info = m.EXPORTER_BUILD_INFO.name
+    received = m.TASK_COUNTERS["task-received"].name
+    scoped = 'job=~"$job",instance=~"$instance"'
+    return g.Templating(
+        list=[
+            g.Template(
+                name="datasource",
+                label="Data source",
+                query="prometheus",
+                type="datasource",
+                default="Prometheus",
+            ),
+            query_variable("job", "Job", f"label_values({info}, job)"),
+            query_variable(
+                "instance", "Instance", f'label_values({info}{{job=~"$job"}}, instance)'
+            ),
+            query_variable("queue", "Queue", f"label_values({received}{{{scoped}}}, queue_name)"),
+            query_variable(
+                "task",
+                "Task",
+                f'label_values({received}{{{scoped},queue_name=~"$queue"}}, name)',
+                include_all=not task_single,
+                multi=not task_single,
+            ),
+            g.Template(
+                name="kibana_url",
+                label="Kibana URL",
+                query=kibana_url,
+                type="textbox",
+                default=kibana_url,
+                hide=2,
+            ),
+        ]
+    )
+
+
+def dashboard(
+    title: str,
+    uid: str,
+    description: str,
+    panels: list,
+    templating: g.Templating,
+    tags: Sequence[str] = ("celery",),
+) -> g.Dashboard:
+    return g.Dashboard(
+        title=title,
+        uid=uid,
+        description=description,
+        tags=list(tags),
+        panels=panels,
+        templating=templating,
+        schemaVersion=SCHEMA_VERSION,
+        timezone="browser",
+        refresh="30s",
+        time=g.Time("now-1h", "now"),
+        graphTooltip=1,
+    ).auto_panel_ids()

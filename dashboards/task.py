@@ -1,0 +1,95 @@
+"""Task drill-down: one task (the `task` variable) through its whole lifecycle, with its errors."""
+
+from __future__ import annotations
+
+from grafanalib import core as g
+
+from exporter import metrics as m
+
+from .panels import (
+    QUANTILES,
+    Grid,
+    dashboard,
+    failure_percent,
+    kibana_link,
+    quantile,
+    rate,
+    selector,
+    timeseries,
+    top_table,
+    variables,
+    with_links,
+)
+
+
+def build(kibana_url: str) -> g.Dashboard:
+    grid = Grid()
+    failed = m.TASK_COUNTERS["task-failed"]
+    runtime = [
+        (quantile(q, m.TASK_RUNTIME, by=["outcome"]), f"p{round(q * 100)} {{{{outcome}}}}")
+        for q in QUANTILES
+    ]
+    panels = [
+        grid.row("$task"),
+        timeseries(
+            grid,
+            "Throughput by state",
+            [(rate(spec), kind.removeprefix("task-")) for kind, spec in m.TASK_COUNTERS.items()],
+            unit="ops",
+            width=16,
+        ),
+        timeseries(
+            grid, "Failure rate", [(failure_percent(), "failed %")], unit="percent", width=8
+        ),
+        timeseries(grid, "Runtime by outcome", runtime, unit="s", width=8),
+        timeseries(
+            grid,
+            "Queue wait",
+            [(quantile(q, m.TASK_QUEUE_WAIT), f"p{round(q * 100)}") for q in QUANTILES],
+            unit="s",
+            width=8,
+        ),
+        timeseries(
+            grid,
+            "End-to-end latency",
+            [(quantile(q, m.TASK_LATENCY), f"p{round(q * 100)}") for q in QUANTILES],
+            unit="s",
+            width=8,
+        ),
+        grid.row("Errors"),
+        timeseries(
+            grid,
+            "Failures by exception",
+            [(rate(failed, by=["name", "exception"]), "{{exception}}")],
+            unit="ops",
+            width=12,
+            extra=with_links([kibana_link("name")]),
+            description="Click a series for this task's logs in Kibana.",
+        ),
+        top_table(
+            grid,
+            "Exceptions",
+            f"sum by (name, exception) (increase({selector(failed)}[$__range]))",
+            "exception",
+            links=[kibana_link("name")],
+            description="Failures by exception class over the dashboard's time range.",
+        ),
+        timeseries(
+            grid,
+            "Retries and revocations",
+            [
+                (rate(m.TASK_COUNTERS["task-retried"]), "retried"),
+                (rate(m.TASK_COUNTERS["task-revoked"]), "revoked"),
+                (rate(m.TASK_COUNTERS["task-rejected"]), "rejected"),
+            ],
+            unit="ops",
+            width=24,
+        ),
+    ]
+    return dashboard(
+        "Celery task drill-down",
+        "celery-task",
+        "One Celery task: throughput, failures and exceptions, runtime, waits (celery-obs).",
+        panels,
+        variables(task_single=True, kibana_url=kibana_url),
+    )

@@ -1,0 +1,96 @@
+"""Workers and queues: who is alive and busy, and how deep and slow each queue is."""
+
+from __future__ import annotations
+
+from grafanalib import core as g
+
+from exporter import metrics as m
+
+from .panels import (
+    DATASOURCE,
+    Grid,
+    dashboard,
+    quantile,
+    rate,
+    selector,
+    targets,
+    timeseries,
+    variables,
+)
+
+
+def build(kibana_url: str) -> g.Dashboard:
+    grid = Grid()
+    panels = [
+        grid.row("Workers"),
+        g.StateTimeline(
+            title="Worker liveness",
+            dataSource=DATASOURCE,
+            gridPos=grid.pos(24, 8),
+            targets=targets([(f"max by (hostname) ({selector(m.WORKER_UP)})", "{{hostname}}")]),
+            mappings=[
+                {
+                    "type": "value",
+                    "options": {
+                        "0": {"text": "down", "color": "red"},
+                        "1": {"text": "up", "color": "green"},
+                    },
+                }
+            ],
+            description="Up while heartbeats arrive; down after the worker timeout or offline.",
+        ),
+        timeseries(
+            grid,
+            "Active tasks",
+            [(f"sum by (hostname) ({selector(m.WORKER_TASKS_ACTIVE)})", "{{hostname}}")],
+            width=8,
+        ),
+        timeseries(
+            grid,
+            "Processed per second",
+            [(rate(m.WORKER_TASKS_PROCESSED, by=["hostname"]), "{{hostname}}")],
+            unit="ops",
+            width=8,
+        ),
+        timeseries(
+            grid,
+            "Heartbeat age",
+            [(f"time() - max by (hostname) ({selector(m.WORKER_LAST_HEARTBEAT)})", "{{hostname}}")],
+            unit="s",
+            width=8,
+        ),
+        grid.row("Queues"),
+        timeseries(
+            grid,
+            "Queue length",
+            [(f"sum by (queue_name) ({selector(m.QUEUE_LENGTH)})", "{{queue_name}}")],
+            width=12,
+        ),
+        timeseries(
+            grid,
+            "Queue wait p95",
+            [(quantile(0.95, m.TASK_QUEUE_WAIT, by=["queue_name"]), "{{queue_name}}")],
+            unit="s",
+            width=12,
+        ),
+        timeseries(
+            grid,
+            "Sent and received per queue",
+            [
+                (rate(m.TASK_COUNTERS["task-sent"], by=["queue_name"]), "sent {{queue_name}}"),
+                (
+                    rate(m.TASK_COUNTERS["task-received"], by=["queue_name"]),
+                    "received {{queue_name}}",
+                ),
+            ],
+            unit="ops",
+            width=24,
+        ),
+    ]
+    return dashboard(
+        "Celery workers and queues",
+        "celery-workers-queues",
+        "Per-worker liveness and load, per-queue depth and wait (celery-obs).",
+        panels,
+        variables(kibana_url=kibana_url),
+    )

@@ -1,0 +1,110 @@
+"""Generated dashboards: committed JSON is fresh, modern, and built on catalogue metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dashboards import DASHBOARDS, render
+from exporter.cli import main
+from exporter.metrics import BY_NAME
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMITTED = ROOT / "grafana" / "dashboards"
+RULES = ROOT / "prometheus" / "rules"
+
+
+def load(filename: str) -> dict:
+    return json.loads((COMMITTED / filename).read_text())
+
+
+def all_panels(dashboard: dict) -> list[dict]:
+    return [p for p in dashboard["panels"] if p["type"] != "row"]
+
+
+def expressions(dashboard: dict) -> list[str]:
+    return [t["expr"] for p in all_panels(dashboard) for t in p.get("targets", [])]
+
+
+@pytest.mark.parametrize("filename", sorted(DASHBOARDS))
+def test_committed_json_is_fresh(filename: str) -> None:
+    assert (COMMITTED / filename).read_text() == render(DASHBOARDS[filename]), (
+        f"grafana/dashboards/{filename} is stale: run `celery-obs dashboards`"
+    )
+
+
+def test_cli_writes_the_same_files(tmp_path: Path, capsys) -> None:
+    assert main(["dashboards", "--out", str(tmp_path)], {}) == 0
+    for filename in DASHBOARDS:
+        assert (tmp_path / filename).read_text() == (COMMITTED / filename).read_text()
+    assert "wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("filename", sorted(DASHBOARDS))
+def test_modern_grafana_json(filename: str) -> None:
+    dashboard = load(filename)
+    assert dashboard["schemaVersion"] >= 36
+    assert "rows" not in dashboard
+    assert dashboard["uid"] == filename.removesuffix(".json")
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert {"datasource", "job", "instance", "queue", "task", "kibana_url"} <= set(variables)
+    assert variables["datasource"]["type"] == "datasource"
+    cells: set[tuple[int, int]] = set()
+    for panel in dashboard["panels"]:
+        pos = panel["gridPos"]
+        assert pos["x"] + pos["w"] <= 24, panel["title"]
+        mine = {
+            (x, y)
+            for x in range(pos["x"], pos["x"] + pos["w"])
+            for y in range(pos["y"], pos["y"] + pos["h"])
+        }
+        assert not mine & cells, f"{panel['title']} overlaps another panel"
+        cells |= mine
+        if panel["type"] != "row":
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+            assert panel["targets"], panel["title"]
+            for target in panel["targets"]:
+                assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+
+
+def test_task_drill_down_selects_one_task() -> None:
+    task = {v["name"]: v for v in load("celery-task.json")["templating"]["list"]}["task"]
+    assert (task["multi"], task["includeAll"]) == (False, False)
+
+
+def test_failure_panels_link_to_kibana() -> None:
+    for filename, title in [
+        ("celery-overview.json", "Top failing tasks"),
+        ("celery-task.json", "Exceptions"),
+        ("celery-task.json", "Failures by exception"),
+    ]:
+        [panel] = [p for p in load(filename)["panels"] if p["title"] == title]
+        [link] = panel["fieldConfig"]["defaults"]["links"]
+        assert link["url"].startswith("${kibana_url}/app/discover#/")
+        assert 'celery.task.name:\\"${__field.labels.name}\\"' in json.dumps(link["url"])
+
+
+def test_dashboards_use_only_catalogue_metrics() -> None:
+    recorded = {
+        r["record"]
+        for p in RULES.glob("*.yml")
+        for g in yaml.safe_load(p.read_text())["groups"]
+        for r in g["rules"]
+        if "record" in r
+    }
+    for filename in DASHBOARDS:
+        for expr in expressions(load(filename)):
+            for name in re.findall(r"\b(celery_[a-z_]+)", expr):
+                base = re.sub(r"_(bucket|sum|count)$", "", name)
+                assert name in BY_NAME or base in BY_NAME or name in recorded, (filename, name)
+
+
+def test_provisioning_loads_the_dashboards_directory() -> None:
+    provider = yaml.safe_load((ROOT / "grafana/provisioning/dashboards/celery.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+    source = yaml.safe_load((ROOT / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert source["datasources"][0]["type"] == "prometheus"
