@@ -13,6 +13,7 @@ duplicate (re-delivery, or the second task-failed a hard time limit can produce)
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from bisect import bisect_left
@@ -45,7 +46,7 @@ KNOWN_EVENT_TYPES = frozenset(
 )
 
 # One bit per task event type, to remember what an attempt has already seen.
-_BIT = {
+_BIT: dict[str, int] = {
     "task-sent": 1,
     "task-received": 2,
     "task-started": 4,
@@ -152,10 +153,11 @@ class TaskRecord:
 
 
 class WorkerRecord:
-    __slots__ = ("active", "last_seen", "offline_at", "processed")
+    __slots__ = ("active", "last_seen", "last_seen_at", "offline_at", "processed")
 
     def __init__(self, now: float) -> None:
-        self.last_seen = now
+        self.last_seen = now  # monotonic: liveness arithmetic
+        self.last_seen_at = 0.0  # wall time: the exported timestamp
         self.active = 0
         self.processed = 0
         self.offline_at: float | None = None
@@ -168,6 +170,9 @@ class WorkerView:
     active: int
     processed: int
     last_seen: float
+
+
+_STARTS_RUN = _BIT["task-sent"] | _BIT["task-received"]
 
 
 def parse_eta(value: object) -> float | None:
@@ -206,9 +211,18 @@ def exception_class(exception: object, traceback: object = None) -> str:
 class Tracker:
     """Metric state built from events; `handle()` one event dict at a time."""
 
-    def __init__(self, limits: Limits | None = None, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] | None = None,
+    ) -> None:
         self.limits = limits or Limits()
+        #: Wall time, only for the timestamps we export.
         self.clock = clock
+        #: Deadlines, grace periods and liveness: immune to the wall clock stepping. An injected
+        #: `clock` (tests) drives both unless a `monotonic` is given too.
+        self.monotonic = monotonic or (time.monotonic if clock is time.time else clock)
         self.buckets = tuple(sorted(self.limits.buckets))
         self.task_names = LabelLimiter(self.limits.max_task_names)
         self.exceptions = LabelLimiter(self.limits.max_exceptions)
@@ -228,7 +242,7 @@ class Tracker:
         self.waiting: OrderedDict[str, tuple[float, TaskRecord]] = OrderedDict()
         #: When the last task-sent arrived; parking only makes sense while producers send them,
         #: which is assumed at startup until 5 minutes pass without one.
-        self.last_sent_at = clock()
+        self.last_sent_at = self.monotonic()
         #: Queue names seen in task-sent events, for the queue length probe.
         self.seen_queues: set[str] = set()
 
@@ -259,7 +273,8 @@ class Tracker:
     def handle(self, event: Event) -> None:
         kind = self.event_types(event.get("type"))
         self.events_by_type[kind] = self.events_by_type.get(kind, 0) + 1
-        now = self.last_event_at = self.clock()
+        self.last_event_at = self.clock()
+        now = self.monotonic()
         if self.waiting:
             self.release_expired(now)
         handler = self._handlers.get(kind)
@@ -274,8 +289,9 @@ class Tracker:
                     self._replay(parked[1])
             elif not (kind in _BIT and self._park(event, now)):
                 handler(event)
-        except (TypeError, ValueError, AttributeError):
-            # A field of an unexpected type (a list for a name, say): skip the event, keep going.
+        except Exception:
+            # Whatever an event holds (a list for a name, 1e400 for a runtime) costs that event
+            # only: counted, skipped, and the stream goes on.
             self.count_malformed("bad_field")
 
     def _park(self, event: Event, now: float) -> bool:
@@ -289,28 +305,38 @@ class Tracker:
         if now - self.last_sent_at > SENT_EVENTS_ABSENT_AFTER:
             return False
         uuid = event.get("uuid")
-        record = self.inflight.get(uuid) if isinstance(uuid, str) else None
+        if not isinstance(uuid, str) or not uuid:
+            return False
+        waiting = self.waiting.get(uuid)
+        if waiting is not None:  # also when its record was evicted meanwhile
+            waiting[1].pending.append(event)  # type: ignore[union-attr]
+            return True
+        record = self.inflight.get(uuid)
         if record is None:
-            if not isinstance(uuid, str) or uuid in self.finished:
+            if uuid in self.finished:
                 return False
             record = self._record(event)
-            assert record is not None
-        elif record.pending is None and (record.queue is not None or record.seen & 1):
+            if record is None:
+                return False
+        elif record.queue is not None or record.seen & 1:
             return False
         if record.pending is None:
             record.pending = []
-            self.waiting[uuid] = (now + self.limits.sent_grace, record)  # type: ignore[index]
+            self.waiting[uuid] = (now + self.limits.sent_grace, record)
         record.pending.append(event)
         return True
 
     def _replay(self, record: TaskRecord) -> None:
         pending, record.pending = record.pending or [], None
         for event in pending:
-            self._handlers[event["type"]](event)
+            try:
+                self._handlers[event["type"]](event)
+            except Exception:  # as in handle(): one bad event costs only itself
+                self.count_malformed("bad_field")
 
     def release_expired(self, now: float | None = None) -> None:
         """Count parked events whose task-sent did not come within the grace period."""
-        now = self.clock() if now is None else now
+        now = self.monotonic() if now is None else now
         while self.waiting:
             uuid, (deadline, record) = next(iter(self.waiting.items()))
             if deadline > now:
@@ -333,7 +359,14 @@ class Tracker:
         if not isinstance(uuid, str) or not uuid:
             self.count_malformed("missing_uuid")
             return None
-        record = self.inflight.get(uuid) or self.finished.get(uuid)
+        record = self.inflight.get(uuid)
+        if record is None and (record := self.finished.get(uuid)) is not None:
+            bit = _BIT.get(event.get("type"), 0)  # type: ignore[arg-type]
+            if bit & _STARTS_RUN and record.seen & bit:
+                # A finished task's id sent or received again: a new run under a reused id
+                # (apply_async(task_id=...)), not a duplicate of the old run's event.
+                del self.finished[uuid]
+                record = None
         if record is None:
             record = self.inflight[uuid] = TaskRecord()
             if len(self.inflight) > self.limits.max_tracked_tasks:
@@ -371,6 +404,9 @@ class Tracker:
         counts[key] = counts.get(key, 0) + 1
 
     def _observe(self, table: dict[LabelKey, Histogram], key: LabelKey, value: float) -> None:
+        if not math.isfinite(value):
+            self.count_malformed("non_finite")
+            return
         hist = table.get(key)
         if hist is None:
             hist = table[key] = Histogram(len(self.buckets))
@@ -469,8 +505,8 @@ class Tracker:
         if record is None or not self._first(record, "task-succeeded"):
             return
         self._count("task-succeeded", self._labels(record))
+        self._finish(event)  # before observing: a bad runtime must not leave it in flight
         self._observe_end(record, event, "succeeded")
-        self._finish(event)
 
     def _on_failed(self, event: Event) -> None:
         record = self._record(event)
@@ -486,8 +522,8 @@ class Tracker:
             "task-failed",
             (name, queue, self.exceptions(exception_class(exception, event.get("traceback")))),
         )
-        self._observe_end(record, event, "failed")
         self._finish(event)
+        self._observe_end(record, event, "failed")
 
     def _on_retried(self, event: Event) -> None:
         record = self._record(event)
@@ -519,7 +555,7 @@ class Tracker:
         if not isinstance(hostname, str) or not hostname:
             self.count_malformed("missing_hostname")
             return None
-        now = self.clock()
+        now = self.monotonic()
         worker = self.workers.get(hostname)
         if worker is None:
             if len(self.workers) >= self.limits.max_workers:
@@ -527,6 +563,7 @@ class Tracker:
                 return None
             worker = self.workers[hostname] = WorkerRecord(now)
         worker.last_seen = now
+        worker.last_seen_at = self.clock()
         active, processed = event.get("active"), event.get("processed")
         if isinstance(active, int):
             worker.active = active
@@ -552,7 +589,7 @@ class Tracker:
 
     def worker_views(self) -> list[WorkerView]:
         """Liveness as of now; drops workers that have been down for the retention period."""
-        now = self.clock()
+        now = self.monotonic()
         self.release_expired(now)
         timeout, retention = self.limits.worker_timeout, self.limits.worker_retention
         views = []
@@ -566,7 +603,7 @@ class Tracker:
             up = down_since is None
             views.append(
                 WorkerView(
-                    hostname, up, worker.active if up else 0, worker.processed, worker.last_seen
+                    hostname, up, worker.active if up else 0, worker.processed, worker.last_seen_at
                 )
             )
         return views

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from exporter.metrics import DEFAULT_BUCKETS
@@ -354,3 +356,77 @@ def test_parse_eta() -> None:
     assert parse_eta("1970-01-01T00:01:00") == 60.0  # naive: UTC
     assert parse_eta("not a date") is None
     assert parse_eta(None) is None
+
+
+def test_a_reused_task_id_is_a_new_run_not_a_duplicate(tracker: Tracker) -> None:
+    for _ in range(2):  # apply_async(task_id="nightly-report") on two nights
+        tracker.handle_all(
+            [
+                sent(uuid="nightly"),
+                received(uuid="nightly"),
+                ev("task-started", "nightly"),
+                ev("task-succeeded", "nightly"),
+            ]
+        )
+    assert tracker.task_counts["task-succeeded"] == {("app.add", "q1"): 2}
+    assert tracker.task_counts["task-sent"] == {("app.add", "q1"): 2}
+    assert tracker.duplicates == {}
+
+
+def test_a_late_task_sent_for_a_finished_task_is_still_counted_once(tracker: Tracker) -> None:
+    tracker.handle_all([received(), ev("task-started"), ev("task-succeeded", runtime=0.1)])
+    tracker.release_expired(tracker.monotonic() + 2)
+    tracker.handle(sent())
+    assert tracker.task_counts["task-sent"] == {("app.add", "q1"): 1}
+    assert tracker.task_counts["task-succeeded"] == {("app.add", "unknown"): 1}
+    assert tracker.duplicates == {}
+
+
+def test_parking_and_liveness_ignore_wall_clock_steps() -> None:
+    wall, mono = Clock(1_000_000.0), Clock(50.0)
+    tracker = Tracker(Limits(worker_timeout=10), clock=wall, monotonic=mono)
+    tracker.handle(received())
+    tracker.handle({"type": "worker-heartbeat", "hostname": "w@h"})
+    wall.advance(-3600)  # NTP steps the wall clock back an hour
+    mono.advance(2)
+    tracker.release_expired()
+    assert tracker.task_counts["task-received"] == {("app.add", "unknown"): 1}
+    [view] = tracker.worker_views()
+    assert (view.up, view.last_seen) == (True, 1_000_000.0)  # exported as wall time
+    mono.advance(9)
+    assert [v.up for v in tracker.worker_views()] == [False]
+
+
+def test_parked_events_survive_their_record_being_evicted(clock: Clock) -> None:
+    tracker = Tracker(Limits(max_tracked_tasks=2), clock=clock)
+    tracker.handle(received(uuid="a"))
+    tracker.handle(received(uuid="b"))
+    tracker.handle(received(uuid="c"))  # evicts a's record while a's event is parked
+    tracker.handle(ev("task-started", "a"))
+    clock.advance(2)
+    tracker.release_expired()
+    assert tracker.task_counts["task-received"] == {("app.add", "unknown"): 3}
+    # Replayed in order, a's events rebuild its record: the name survives the eviction.
+    assert tracker.task_counts["task-started"] == {("app.add", "unknown"): 1}
+    # c evicts a; replaying a, b, c then evicts b, c, a in turn: a 2-slot table churns.
+    assert tracker.evicted == 4
+
+
+def test_values_no_event_should_hold_are_counted_and_skipped(tracker: Tracker, clock) -> None:
+    tracker.handle_all(
+        [
+            {"type": "task-received", "uuid": ""},
+            sent(uuid="x"),
+            received(uuid="x"),
+            ev("task-started", "x", ts=1.0),
+            ev("task-succeeded", "x", ts=float("inf"), runtime=10**400),
+            sent(uuid="y"),
+            ev("task-failed", "y", ts=float("nan"), exception="E()"),
+        ]
+    )
+    assert tracker.task_counts["task-succeeded"] == {("app.add", "q1"): 1}
+    assert tracker.task_counts["task-failed"] == {("app.add", "q1", "E"): 1}
+    assert all(math.isfinite(h.sum) for t in (tracker.runtime, tracker.latency) for h in t.values())
+    # "" as uuid; a runtime past float range; a NaN finish time (its latency is skipped).
+    assert tracker.malformed == {"missing_uuid": 1, "bad_field": 1, "non_finite": 1}
+    assert len(tracker.inflight) == 0
