@@ -80,7 +80,8 @@ class AmqpEventStream:
                     content_type = None
                     if flags & _CONTENT_TYPE_FLAG:
                         length = buffer[start + 14]
-                        content_type = buffer[start + 15 : start + 15 + length].decode()
+                        raw = buffer[start + 15 : start + 15 + length]
+                        content_type = raw.decode("utf-8", "replace")
                 elif kind == _METHOD_FRAME:
                     method = _METHOD.unpack_from(buffer, start)
                     if method == _BASIC_DELIVER:

@@ -69,7 +69,7 @@ class Exposition:
         self._les = [_float(b) for b in tracker.buckets] + ["+Inf"]
         # (metric name, label values) -> the series' text up to its value; bounded by the
         # label limits, so it never outgrows the state it mirrors.
-        self._prefixes: dict[tuple[str, LabelKey], str] = {}
+        self._prefixes: dict[str, dict[LabelKey, str]] = {}
         self._bucket_prefixes: dict[tuple[str, LabelKey], list[str]] = {}
 
     def render(self) -> bytes:
@@ -84,19 +84,25 @@ class Exposition:
     # -- series writers ---------------------------------------------------------------------
 
     def _prefix(self, spec: m.MetricSpec, key: LabelKey, suffix: str = "") -> str:
-        cache_key = (spec.name + suffix, key)
-        prefix = self._prefixes.get(cache_key)
+        name = spec.name + suffix
+        cache = self._prefixes.setdefault(name, {})
+        prefix = cache.get(key)
         if prefix is None:
             labels = _labels(spec.labels, key)
-            name = spec.name + suffix
-            prefix = self._prefixes[cache_key] = f"{name}{{{labels}}} " if labels else f"{name} "
+            prefix = cache[key] = f"{name}{{{labels}}} " if labels else f"{name} "
         return prefix
 
-    def _series(self, out: list[str], spec: m.MetricSpec, values: dict) -> None:
+    def _series(
+        self, out: list[str], spec: m.MetricSpec, values: dict, prune: bool = False
+    ) -> None:
         out.append(self._headers[spec.name])
         prefix = self._prefix
         for key, value in values.items():
             out.append(f"{prefix(spec, key)}{_number(value)}\n")
+        if prune:  # series that come and go (workers): forget the ones that went
+            cache = self._prefixes.get(spec.name, {})
+            for gone in cache.keys() - values.keys():
+                del cache[gone]
 
     def _single(self, out: list[str], spec: m.MetricSpec, value: float) -> None:
         out.append(f"{self._headers[spec.name]}{spec.name} {_number(value)}\n")
@@ -135,10 +141,11 @@ class Exposition:
 
     def _workers(self, out: list[str]) -> None:
         views = self.tracker.worker_views()
-        self._series(out, m.WORKER_UP, {(v.hostname,): int(v.up) for v in views})
-        self._series(out, m.WORKER_TASKS_ACTIVE, {(v.hostname,): v.active for v in views})
-        self._series(out, m.WORKER_TASKS_PROCESSED, {(v.hostname,): v.processed for v in views})
-        self._series(out, m.WORKER_LAST_HEARTBEAT, {(v.hostname,): v.last_seen for v in views})
+        series = self._series
+        series(out, m.WORKER_UP, {(v.hostname,): int(v.up) for v in views}, prune=True)
+        series(out, m.WORKER_TASKS_ACTIVE, {(v.hostname,): v.active for v in views}, prune=True)
+        series(out, m.WORKER_TASKS_PROCESSED, {(v.hostname,): v.processed for v in views}, True)
+        series(out, m.WORKER_LAST_HEARTBEAT, {(v.hostname,): v.last_seen for v in views}, True)
 
     def _exporter(self, out: list[str]) -> None:
         tracker, status = self.tracker, self.status

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,8 +69,11 @@ def parse_buckets(text: str) -> tuple[float, ...]:
         buckets = tuple(float(item) for item in parse_csv(text))
     except ValueError:
         raise argparse.ArgumentTypeError(f"buckets must be numbers, got {text!r}") from None
-    if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] <= 0:
-        raise argparse.ArgumentTypeError(f"buckets must be positive and increasing, got {text!r}")
+    finite = all(math.isfinite(b) for b in buckets)
+    if not buckets or not finite or list(buckets) != sorted(set(buckets)) or buckets[0] <= 0:
+        raise argparse.ArgumentTypeError(
+            f"buckets must be finite, positive and increasing (+Inf is implied), got {text!r}"
+        )
     return buckets
 
 

@@ -68,6 +68,8 @@ class EventQueueOptions:
 
 
 _AMQP_READ_SIZE = 16 << 10
+#: A session that lasted this long resets the reconnect backoff.
+_STABLE_SESSION = 30.0
 
 
 def tune_amqp_reads(connection: Connection, poll_timeout: float) -> float | None:
@@ -151,6 +153,10 @@ class EventConsumer:
                 self._tracker.count_malformed(exc.reason)
                 log.debug("skipped malformed event message: %s", exc)
                 return
+            except Exception as exc:  # a message must never look like a broker failure
+                self._tracker.count_malformed("decode")
+                log.debug("skipped undecodable event message: %r", exc)
+                return
             self._tracker.handle_all(events)
 
     # -- connection lifecycle -----------------------------------------------------------------
@@ -177,14 +183,17 @@ class EventConsumer:
     def _run(self) -> None:
         delay = 0.5
         while not self._stopping.is_set():
-            self.status.last_poll = time.monotonic()
+            started = self.status.last_poll = time.monotonic()
             try:
                 with self._connect() as connection:
                     connection.ensure_connection(max_retries=1)
-                    delay = 0.5
                     self._consume(connection)
             except Exception as exc:  # every broker failure is survivable: report, back off, retry
                 self._disconnected(exc)
+                # Back off from the first attempt unless the session lived a while: a broker
+                # that accepts the connection and then refuses to serve must not be hammered.
+                if time.monotonic() - started > _STABLE_SESSION:
+                    delay = 0.5
                 if self._stopping.wait(delay):
                     break
                 delay = min(delay * 2, self._backoff_cap)

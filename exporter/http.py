@@ -72,7 +72,10 @@ class BasicAuth:
         with self._lock:
             if key in self._verified:
                 return True
-        if not bcrypt.checkpw(password.encode(), hashed):
+        try:
+            if not bcrypt.checkpw(password.encode(), hashed):
+                return False
+        except ValueError:  # bcrypt refuses passwords over 72 bytes: a failed login, not a crash
             return False
         with self._lock:
             if len(self._verified) > 1024:

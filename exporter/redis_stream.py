@@ -21,6 +21,7 @@ import logging
 import queue as queue_module
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,9 @@ except ImportError:  # pragma: no cover - hiredis is a dependency; this is for o
     HAVE_HIREDIS = False
 
 _RECV_SIZE = 4 << 20
+_PING = b"*1\r\n$4\r\nPING\r\n"
+_PING_AFTER = 5.0  # seconds of silence before we ask (workers heartbeat every 2 s)
+_DEAD_AFTER = 15.0  # seconds of silence, pings included, before the link counts as dead
 _FEED_SIZE = 16 << 10
 
 
@@ -98,6 +102,15 @@ class RedisEventStream:
         finally:
             self._stopping.set()
             self._reader.join(5)
+            # Chunks left unprocessed (a stop, or an error mid-stream) leave the backlog with
+            # this stream: without this the next stream's reader would find it still "full".
+            while True:
+                try:
+                    leftover = chunks.get_nowait()
+                except queue_module.Empty:
+                    break
+                if leftover is not None:
+                    stats.bytes_out += len(leftover)
 
     def _read(self) -> None:
         """Move bytes from the socket into the backlog as fast as they come, up to its bound."""
@@ -105,6 +118,7 @@ class RedisEventStream:
         buffer = bytearray(_RECV_SIZE)  # reused: no 1 MB allocation per read
         view = memoryview(buffer)
         paused = False
+        last_data = pinged = time.monotonic()
         try:
             while not self._stopping.is_set():
                 if stats.bytes_in - stats.bytes_out >= limit:
@@ -118,9 +132,20 @@ class RedisEventStream:
                 try:
                     size = sock.recv_into(buffer)
                 except TimeoutError:
+                    # Nothing written to a subscriber socket means a dead link goes unnoticed:
+                    # after a quiet spell, PING (Redis answers even in subscribe mode), and give
+                    # up on a server that stays silent.
+                    now = time.monotonic()
+                    if now - last_data > _DEAD_AFTER:
+                        self._closed_reason = f"no reply from Redis for {now - last_data:.0f}s"
+                        break
+                    if now - max(last_data, pinged) > _PING_AFTER:
+                        sock.sendall(_PING)
+                        pinged = now
                     continue
                 if not size:
                     break
+                last_data = time.monotonic()
                 stats.bytes_in += size
                 chunks.put(bytes(view[:size]))
         except OSError as exc:

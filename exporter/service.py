@@ -26,6 +26,12 @@ from .webconfig import load_web_config
 
 log = logging.getLogger(__name__)
 
+#: Default socket timeouts per kombu driver; the user's --broker-transport-option wins.
+_IO_TIMEOUTS: dict[str, dict[str, float]] = {
+    "redis": {"socket_timeout": 10.0},
+    "amqp": {"read_timeout": 10.0, "write_timeout": 10.0},
+}
+
 
 def package_version() -> str:
     try:
@@ -64,7 +70,7 @@ class Exporter:
             on_connected=self.control.poke,
         )
         self.probe = QueueProbe(
-            self.connect,
+            self.connect_without_heartbeat,
             self._queue_names,
             self.queue_lengths,
             config.queue_poll_interval,
@@ -77,13 +83,18 @@ class Exporter:
     def _render(self) -> tuple[bytes, str]:
         return self.exposition.render(), CONTENT_TYPE
 
-    def connect(self) -> Connection:
-        return Connection(
-            self.config.broker_url,
-            transport_options=dict(self.config.transport_options),
-            connect_timeout=5,
-            heartbeat=10,
-        )
+    def connect(self, heartbeat: int = 10) -> Connection:
+        url = self.config.broker_url
+        driver = Connection(url).transport.driver_type  # no I/O: just which transport
+        # Time out a broker that accepts the connection but never answers, instead of hanging.
+        options = dict(_IO_TIMEOUTS.get(driver, {}))
+        options.update(self.config.transport_options)
+        return Connection(url, transport_options=options, connect_timeout=5, heartbeat=heartbeat)
+
+    def connect_without_heartbeat(self) -> Connection:
+        # The queue probe talks to the broker once per interval and sends nothing in between:
+        # with AMQP heartbeats the broker would drop it between probes.
+        return self.connect(heartbeat=0)
 
     def _queue_names(self) -> set[str]:
         with self.lock:
@@ -101,9 +112,13 @@ class Exporter:
         self.probe.start()
         log.info("watching %s; serving %s/metrics", self.config.safe_broker_url, self.url)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop serving and every thread, all within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
         self.server.shutdown()
         self.server.server_close()
-        self.consumer.stop()
-        self.probe.stop()
-        self.control.stop()
+        parts = (self.consumer, self.probe, self.control)
+        for part in parts:  # signal every thread first, so they wind down together
+            part.stop(timeout=0)
+        for part in parts:
+            part.stop(timeout=max(0.0, deadline - time.monotonic()))

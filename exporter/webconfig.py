@@ -109,8 +109,13 @@ def _ssl_context(tls: dict[str, Any], base: str, path: str) -> ssl.SSLContext:
             context.load_verify_locations(ca)
         except (OSError, ssl.SSLError) as exc:
             raise WebConfigError(f"{path}: cannot load client_ca_file {ca}: {exc}") from None
-    elif auth_type in ("VerifyClientCertIfGiven", "RequireAndVerifyClientCert"):
-        raise WebConfigError(f"{path}: client_auth_type {auth_type} needs client_ca_file")
+    elif auth_type != "NoClientCert":
+        # Go's RequestClientCert/RequireAnyClientCert accept any certificate unverified;
+        # Python's TLS always verifies one it asks for, so every mode needs the CA to do so.
+        raise WebConfigError(
+            f"{path}: client_auth_type {auth_type} needs client_ca_file "
+            "(client certificates are always verified here)"
+        )
     for ignored in sorted(_IGNORED_TLS_KEYS & set(tls)):
         log.warning("%s: tls_server_config.%s is not supported and is ignored", path, ignored)
     return context

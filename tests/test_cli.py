@@ -101,6 +101,7 @@ def test_flags_beat_the_environment_and_celery_broker_url_is_the_fallback() -> N
         ),
         (["exporter", "--broker-url", "x", "--worker-timeout", "0"], {}, "must be > 0"),
         (["exporter", "--broker-url", "x", "--buckets", "5,1"], {}, "positive and increasing"),
+        (["exporter", "--broker-url", "x", "--buckets", "1,5,inf"], {}, "+Inf is implied"),
         (["exporter", "--broker-url", "x", "--web.listen-address", "9808"], {}, "HOST:PORT"),
         (
             ["exporter", "--broker-url", "x", "--broker-transport-option", "novalue"],

@@ -105,6 +105,20 @@ def test_down_worker_stays_at_zero_then_is_dropped(parts, clock: Clock) -> None:
     assert registry.get_sample_value("celery_worker_up", {"hostname": "w@h"}) is None
 
 
+def test_dropped_workers_leave_no_cached_series(parts, clock: Clock) -> None:
+    tracker, lengths, _ = parts
+    exposition = Exposition(tracker, threading.Lock(), BrokerStatus(), lengths, "x")
+    for i in range(50):  # pods come and go
+        tracker.handle({"type": "worker-heartbeat", "hostname": f"pod-{i}@h"})
+        exposition.render()
+        clock.advance(100)  # past the 10 s timeout and 60 s retention
+    exposition.render()
+    assert all(
+        len(exposition._prefixes.get(spec.name, {})) <= 1
+        for spec in (m.WORKER_UP, m.WORKER_TASKS_ACTIVE, m.WORKER_LAST_HEARTBEAT)
+    )
+
+
 def test_every_catalogue_metric_is_exposed_with_its_type_and_help(parts) -> None:
     _, _, registry = parts
     families = {family.name: family for family in registry.collect()}

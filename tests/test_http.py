@@ -232,6 +232,27 @@ def test_exporter_cli_serves_https_with_basic_auth(tmp_path: Path, certificate) 
         exporter.close()
 
 
+@pytest.mark.parametrize(
+    "mode", ["RequestClientCert", "RequireAnyClientCert", "RequireAndVerifyClientCert"]
+)
+def test_client_certificate_modes_need_a_ca(tmp_path: Path, certificate, mode: str) -> None:
+    for source in certificate:
+        shutil.copy(source, tmp_path / source.name)
+    path = tmp_path / "web.yml"
+    path.write_text(
+        f"tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+        f"  client_auth_type: {mode}\n"
+    )
+    with pytest.raises(WebConfigError, match=f"client_auth_type {mode} needs client_ca_file"):
+        load_web_config(str(path))
+
+
+def test_a_password_bcrypt_cannot_hash_is_a_401(tls_server) -> None:
+    server, client = tls_server
+    status, _ = http_get(f"{server.url}/metrics", basic("prometheus", "x" * 100), client)
+    assert status == 401
+
+
 def test_malformed_web_config_stops_the_cli_at_startup(tmp_path: Path) -> None:
     path = tmp_path / "web.yml"
     path.write_text("basic_auth_users:\n  alice: hunter2\n")
