@@ -13,6 +13,7 @@ from .panels import (
     failure_percent,
     kibana_link,
     quantile,
+    queue_length,
     rate,
     selector,
     stat,
@@ -79,13 +80,7 @@ def build(kibana_url: str) -> g.Dashboard:
             description="Failures by exception class over the time range.",
         ),
         grid.row("Queues and workers"),
-        timeseries(
-            grid,
-            "Queue length",
-            [(f"sum by (queue_name) ({selector(m.QUEUE_LENGTH)})", "{{queue_name}}")],
-            width=12,
-            description="Messages waiting in each broker queue.",
-        ),
+        queue_length(grid),
         stat(
             grid,
             "Workers up",

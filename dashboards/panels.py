@@ -143,6 +143,17 @@ def timeseries(
     )
 
 
+def queue_length(grid: Grid, width: int = 12, height: int = 8) -> g.TimeSeries:
+    return timeseries(
+        grid,
+        "Queue length",
+        [(f"sum by (queue_name) ({selector(m.QUEUE_LENGTH)})", "{{queue_name}}")],
+        width=width,
+        height=height,
+        description="Messages waiting in each broker queue.",
+    )
+
+
 def stat(
     grid: Grid,
     title: str,

@@ -11,6 +11,7 @@ from .panels import (
     Grid,
     dashboard,
     quantile,
+    queue_length,
     rate,
     selector,
     targets,
@@ -60,12 +61,7 @@ def build(kibana_url: str) -> g.Dashboard:
             width=8,
         ),
         grid.row("Queues"),
-        timeseries(
-            grid,
-            "Queue length",
-            [(f"sum by (queue_name) ({selector(m.QUEUE_LENGTH)})", "{{queue_name}}")],
-            width=12,
-        ),
+        queue_length(grid),
         timeseries(
             grid,
             "Queue wait p95",
