@@ -1,0 +1,250 @@
+"""One structured log record per task lifecycle step, from Celery's signals.
+
+task_prerun / task_success / task_failure / task_retry fire in the process that runs the task
+(a prefork pool child); task_revoked, task_rejected, task_unknown and the failure a hard time
+limit reports fire in the worker's main process. A hard time limit can send task_failure twice
+for one task, so failures are reported once per task id (a small memory of recent ones).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+from celery import signals
+
+from .context import current_task
+from .formatter import ECS_ATTR
+from .redact import Redactor
+
+logger = logging.getLogger("celery_obs.lifecycle")
+
+_RECENT = 10_000  # task ids remembered for start times and failure de-duplication
+
+
+class _Recent(OrderedDict):
+    """A bounded mapping: the oldest entries go first."""
+
+    def remember(self, key: str, value: Any) -> None:
+        self[key] = value
+        if len(self) > _RECENT:
+            self.popitem(last=False)
+
+
+class Lifecycle:
+    def __init__(self, redactor: Redactor | None, level: int = logging.INFO) -> None:
+        self.redactor = redactor  # None: task arguments are not logged
+        self.level = level
+        self._started: _Recent = _Recent()
+        self._failed: _Recent = _Recent()
+
+    def connect(self) -> None:
+        for signal, handler in (
+            (signals.task_prerun, self.on_prerun),
+            (signals.task_postrun, self.on_postrun),
+            (signals.task_success, self.on_success),
+            (signals.task_failure, self.on_failure),
+            (signals.task_retry, self.on_retry),
+            (signals.task_revoked, self.on_revoked),
+            (signals.task_rejected, self.on_rejected),
+            (signals.task_unknown, self.on_unknown),
+            (signals.task_internal_error, self.on_internal_error),
+        ):
+            signal.connect(handler, weak=False)
+
+    # -- record building ----------------------------------------------------------------------
+
+    def _emit(
+        self,
+        level: int,
+        message: str,
+        action: str,
+        outcome: str,
+        task: dict[str, Any],
+        duration_ns: int | None = None,
+        exc_info: Any = None,
+    ) -> None:
+        event: dict[str, Any] = {
+            "kind": "event",
+            "category": ["process"],
+            "action": action,
+            "outcome": outcome,
+        }
+        if duration_ns is not None:
+            event["duration"] = duration_ns
+        worker = task.pop("worker_hostname", None)
+        fields: dict[str, Any] = {"event": event, "celery": {"task": task}}
+        if worker:
+            fields["celery"]["worker"] = {"hostname": worker}
+        logger.log(level, message, extra={ECS_ATTR: fields}, exc_info=exc_info)
+
+    def _task_fields(
+        self, task_id: str | None, name: str | None, request: Any, state: str
+    ) -> dict[str, Any]:
+        fields: dict[str, Any] = {"id": task_id, "name": name, "state": state}
+        if request is not None:
+            delivery = getattr(request, "delivery_info", None) or {}
+            fields["queue"] = delivery.get("routing_key") or delivery.get("exchange") or None
+            for attr in ("retries", "root_id", "parent_id"):
+                value = getattr(request, attr, None)
+                if value is not None:
+                    fields[attr] = value
+            eta = getattr(request, "eta", None)
+            if eta:
+                fields["eta"] = eta if isinstance(eta, str) else eta.isoformat()
+            hostname = getattr(request, "hostname", None)
+            if hostname:
+                fields["worker_hostname"] = hostname
+            if self.redactor is not None:
+                fields["args"] = self.redactor(list(getattr(request, "args", None) or []))
+                fields["kwargs"] = self.redactor(dict(getattr(request, "kwargs", None) or {}))
+        return {k: v for k, v in fields.items() if v is not None}
+
+    def _duration(self, task_id: str | None) -> int | None:
+        started = self._started.pop(task_id, None) if task_id else None
+        return None if started is None else time.monotonic_ns() - started
+
+    # -- signal handlers ----------------------------------------------------------------------
+
+    def on_prerun(
+        self, sender: Any = None, task_id: str | None = None, task: Any = None, **_: Any
+    ) -> None:
+        name = getattr(task, "name", None)
+        current_task.set({"id": task_id, "name": name})
+        if task_id:
+            self._started.remember(task_id, time.monotonic_ns())
+        fields = self._task_fields(task_id, name, getattr(task, "request", None), "STARTED")
+        self._emit(self.level, f"Task {name}[{task_id}] started", "task-started", "unknown", fields)
+
+    def on_postrun(self, **_: Any) -> None:
+        current_task.set(None)
+
+    def on_success(
+        self, sender: Any = None, result: Any = None, runtime: float | None = None, **_: Any
+    ) -> None:
+        request = getattr(sender, "request", None)
+        task_id = getattr(request, "id", None)
+        fields = self._task_fields(task_id, getattr(sender, "name", None), request, "SUCCESS")
+        duration = self._duration(task_id)
+        if runtime is not None:
+            fields["runtime"] = runtime
+        elif duration is not None:
+            fields["runtime"] = duration / 1e9
+        self._emit(
+            self.level,
+            f"Task {fields.get('name')}[{task_id}] succeeded",
+            "task-succeeded",
+            "success",
+            fields,
+            duration,
+        )
+
+    def on_failure(
+        self,
+        sender: Any = None,
+        task_id: str | None = None,
+        exception: Any = None,
+        einfo: Any = None,
+        **_: Any,
+    ) -> None:
+        if task_id in self._failed:  # a hard time limit reports some failures twice
+            return
+        if task_id:
+            self._failed.remember(task_id, True)
+        request = getattr(sender, "request", None)
+        name = getattr(sender, "name", None)
+        fields = self._task_fields(task_id, name, request, "FAILURE")
+        duration = self._duration(task_id)
+        if duration is not None:
+            fields["runtime"] = duration / 1e9
+        exc_info = (type(exception), exception, getattr(einfo, "tb", None)) if exception else None
+        self._emit(
+            logging.ERROR,
+            f"Task {name}[{task_id}] failed: {exception!r}",
+            "task-failed",
+            "failure",
+            fields,
+            duration,
+            exc_info,
+        )
+
+    def on_retry(
+        self, sender: Any = None, request: Any = None, reason: Any = None, **_: Any
+    ) -> None:
+        task_id = getattr(request, "id", None)
+        name = getattr(sender, "name", None)
+        fields = self._task_fields(task_id, name, request, "RETRY")
+        self._emit(
+            logging.WARNING,
+            f"Task {name}[{task_id}] retry: {reason}",
+            "task-retried",
+            "failure",
+            fields,
+            self._duration(task_id),
+        )
+
+    def on_revoked(
+        self,
+        sender: Any = None,
+        request: Any = None,
+        terminated: bool = False,
+        signum: Any = None,
+        expired: bool = False,
+        **_: Any,
+    ) -> None:
+        task_id = getattr(request, "id", None)
+        name = getattr(request, "task_name", None) or getattr(sender, "name", None)
+        fields = self._task_fields(task_id, name, request, "REVOKED")
+        fields.update(terminated=bool(terminated), expired=bool(expired))
+        self._emit(
+            logging.WARNING, f"Task {name}[{task_id}] revoked", "task-revoked", "failure", fields
+        )
+
+    def on_rejected(
+        self, sender: Any = None, message: Any = None, exc: Any = None, **_: Any
+    ) -> None:
+        headers = getattr(message, "headers", None) or {}
+        task_id, name = headers.get("id"), headers.get("task")
+        fields = self._task_fields(task_id, name, None, "REJECTED")
+        self._emit(
+            logging.WARNING,
+            f"Task {name}[{task_id}] rejected: {exc!r}",
+            "task-rejected",
+            "failure",
+            fields,
+        )
+
+    def on_unknown(
+        self, sender: Any = None, name: str | None = None, id: str | None = None, **_: Any
+    ) -> None:
+        fields = self._task_fields(id, name, None, "FAILURE")
+        self._emit(
+            logging.ERROR,
+            f"Received unregistered task {name}[{id}]",
+            "task-unknown",
+            "failure",
+            fields,
+        )
+
+    def on_internal_error(
+        self,
+        sender: Any = None,
+        task_id: str | None = None,
+        request: Any = None,
+        exception: Any = None,
+        einfo: Any = None,
+        **_: Any,
+    ) -> None:
+        name = getattr(sender, "name", None)
+        fields = self._task_fields(task_id, name, request, "FAILURE")
+        exc_info = (type(exception), exception, getattr(einfo, "tb", None)) if exception else None
+        self._emit(
+            logging.ERROR,
+            f"Internal error in task {name}[{task_id}]: {exception!r}",
+            "task-internal-error",
+            "failure",
+            fields,
+            exc_info=exc_info,
+        )

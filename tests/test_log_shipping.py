@@ -1,0 +1,219 @@
+"""log_shipping: ECS JSON through real loggers, and a real prefork worker with install()."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import signal
+import sys
+import uuid
+from collections import defaultdict
+
+import pytest
+
+from log_shipping.formatter import EcsJsonFormatter
+from log_shipping.hooks import LogConfig, config_from_env, make_handler
+from log_shipping.redact import REDACTED, Redactor
+
+from support import TESTS, Process, producer, wait_for
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def logged():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(EcsJsonFormatter(service_name="svc", hostname="host-1"))
+    logger = logging.getLogger(f"test.ecs.{uuid.uuid4().hex}")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    return logger, stream
+
+
+def test_ecs_fields_and_their_order(logged) -> None:
+    logger, stream = logged
+    logger.info("hello %s", "world", extra={"ecs": {"event": {"action": "x"}, "labels": {"a": 1}}})
+    [record] = json_lines(stream.getvalue())
+    assert list(record)[:4] == ["@timestamp", "log.level", "message", "ecs.version"]
+    assert record["message"] == "hello world"
+    assert record["log.level"] == "info"
+    assert record["@timestamp"].endswith("Z") and len(record["@timestamp"]) == 24  # ms, UTC
+    assert record["log"]["logger"] == logger.name
+    assert record["service"] == {"name": "svc"}
+    assert record["host"] == {"hostname": "host-1"}
+    assert record["process"]["pid"] > 0
+    assert record["event"] == {"action": "x"}
+    assert record["labels"] == {"a": 1}
+
+
+def test_exceptions_become_error_fields(logged) -> None:
+    logger, stream = logged
+    try:
+        raise KeyError("missing")
+    except KeyError:
+        logger.exception("lookup failed")
+    [record] = json_lines(stream.getvalue())
+    assert record["log.level"] == "error"
+    assert record["error"]["type"] == "KeyError"
+    assert record["error"]["message"] == "'missing'"
+    assert "Traceback" in record["error"]["stack_trace"]
+    assert "exc_info" not in record
+
+
+def test_redaction_and_truncation() -> None:
+    redact = Redactor(max_length=10)
+    value = {
+        "user": "ann",
+        "Password": "x",
+        "nested": {"api_key": "k", "list": ["a" * 25]},
+        "Authorization": "Bearer t",
+        "count": 3,
+    }
+    assert redact(value) == {
+        "user": "ann",
+        "Password": REDACTED,
+        "count": 3,
+        "Authorization": REDACTED,
+        "nested": {"api_key": REDACTED, "list": ["aaaaaaaaaa...[15 more chars]"]},
+    }
+    assert redact([1, None, 2.5, object.__name__]) == [1, None, 2.5, "object"]
+    assert Redactor(["card"])({"credit_card": "4111", "password": "p"}) == {
+        "credit_card": REDACTED,
+        "password": "p",
+    }
+
+
+def test_environment_overrides_code(tmp_path) -> None:
+    base = LogConfig(service_name="from-code", output="stdout")
+    path = tmp_path / "worker.log"
+    config = config_from_env(
+        {
+            "CELERY_OBS_LOG_SERVICE_NAME": "from-env",
+            "CELERY_OBS_LOG_OUTPUT": f"file:{path}",
+            "CELERY_OBS_LOG_INCLUDE_ARGS": "true",
+            "CELERY_OBS_LOG_REDACT": "pin, cvv",
+        },
+        base,
+    )
+    assert (config.service_name, config.include_args, config.redact) == (
+        "from-env",
+        True,
+        ("pin", "cvv"),
+    )
+    handler = make_handler(config)
+    handler.setFormatter(EcsJsonFormatter(service_name=config.service_name))
+    handler.emit(logging.LogRecord("x", logging.INFO, __file__, 1, "to a file", None, None))
+    handler.close()
+    assert json_lines(path.read_text())[0]["message"] == "to a file"
+    with pytest.raises(ValueError, match="stdout, stderr or file:PATH"):
+        make_handler(LogConfig(output="syslog"))
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("hijack", ["1", "0"], ids=["hijack-root", "no-hijack"])
+def test_real_prefork_worker_logs_every_step_as_json(redis_url, queue, hijack) -> None:
+    worker = Process(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-q",
+            "-A",
+            "logging_app",
+            "worker",
+            "-P",
+            "prefork",
+            "-c",
+            "2",
+            "-Q",
+            queue,
+            "-n",
+            f"logs-{uuid.uuid4().hex[:6]}@%h",
+            "--without-mingle",
+            "--without-gossip",
+            "-l",
+            "INFO",
+        ],
+        env={"OBS_TEST_BROKER": redis_url, "OBS_TEST_QUEUE": queue, "OBS_TEST_HIJACK": hijack},
+        cwd=TESTS,
+    )
+    try:
+        wait_for(lambda: "ready" in worker.output(), 30, "the worker ready")
+        app = producer(redis_url, queue)
+        ids = {
+            "add": app.send_task("logs.add", (1, 2), {"password": "hunter2"}).id,
+            "fail": app.send_task("logs.fail").id,
+            "retry": app.send_task("logs.retry_once").id,
+            "sleep": app.send_task("logs.sleep", (30,)).id,
+            "unknown": app.send_task("logs.no_such_task").id,
+        }
+        eta = app.send_task("logs.add", (3, 4), countdown=2)
+        wait_for(lambda: eta.id in worker.output(), 30, "the countdown task received")
+        app.control.revoke(eta.id)
+        ids["revoked"] = eta.id
+
+        def actions() -> dict[str, list[str]]:
+            by_task: dict[str, list[str]] = defaultdict(list)
+            for record in json_lines(worker.output()):
+                if record.get("log", {}).get("logger") == "celery_obs.lifecycle":
+                    by_task[record["celery"]["task"]["id"]].append(record["event"]["action"])
+            return by_task
+
+        expected = {
+            ids["add"]: ["task-started", "task-succeeded"],
+            ids["fail"]: ["task-started", "task-failed"],
+            ids["retry"]: ["task-started", "task-retried", "task-started", "task-succeeded"],
+            ids["sleep"]: ["task-started", "task-failed"],  # once, though Celery reports twice
+            ids["unknown"]: ["task-unknown"],
+            ids["revoked"]: ["task-revoked"],
+        }
+        wait_for(
+            lambda: {k: v for k, v in actions().items() if k in expected} == expected,
+            30,
+            "every lifecycle record",
+        )
+        records = json_lines(worker.output())  # every line parses: nothing but JSON
+        by_action = {
+            (r["celery"]["task"]["id"], r["event"]["action"]): r for r in records if "event" in r
+        }
+
+        done = by_action[(ids["add"], "task-succeeded")]
+        assert done["event"]["outcome"] == "success"
+        assert done["event"]["duration"] > 0
+        assert done["celery"]["task"]["state"] == "SUCCESS"
+        assert done["celery"]["task"]["queue"] == queue
+        assert done["celery"]["task"]["kwargs"] == {"password": "[REDACTED]"}
+        assert done["celery"]["task"]["args"] == [1, 2]
+        assert done["service"]["name"] == "obs-test"
+        assert "hunter2" not in worker.output()
+
+        failed = by_action[(ids["fail"], "task-failed")]
+        assert (failed["log.level"], failed["error"]["type"]) == ("error", "ValueError")
+        assert failed["event"]["outcome"] == "failure"
+        limit = by_action[(ids["sleep"], "task-failed")]
+        assert limit["error"]["type"] == "TimeLimitExceeded"
+        assert by_action[(ids["unknown"], "task-unknown")]["celery"]["task"]["name"] == (
+            "logs.no_such_task"
+        )
+        assert by_action[(ids["revoked"], "task-revoked")]["process"]["name"] == "MainProcess"
+
+        # Lines written while a task runs carry it: task logger, plain logging, print.
+        inside = [
+            r
+            for r in records
+            if r["message"]
+            in ("adding 1 and 2", "plain logging inside a task", "printed inside a task")
+        ]
+        assert len(inside) == 3
+        assert all(r["celery"]["task"] == {"id": ids["add"], "name": "logs.add"} for r in inside)
+        # Celery's own lines are JSON too.
+        assert any(r["log"]["logger"].startswith("celery.") and "celery" not in r for r in records)
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(20) == 0
+    finally:
+        worker.close()
