@@ -1,0 +1,142 @@
+"""The HTTP shipper against a local receiver standing in for Logstash's http input: an outage
+under load loses nothing, duplicates nothing, keeps order; bounds drop the oldest, counted."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from log_shipping.formatter import EcsJsonFormatter
+from log_shipping.shipper import HttpSink, ShippingHandler
+from log_shipping.spool import Spool
+
+from support import free_port, wait_for
+
+
+class Receiver:
+    """Logstash's http input in miniature: JSON arrays in, 200 out; can be stopped and restarted."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.records: list[dict] = []
+        self.auth: list[str | None] = []
+        self.server: ThreadingHTTPServer | None = None
+
+    def start(self) -> None:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.records.extend(json.loads(body))
+                receiver.auth.append(self.headers.get("Authorization"))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        assert self.server is not None
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver():
+    receiver = Receiver(free_port())
+    receiver.start()
+    yield receiver
+    if receiver.server is not None:
+        receiver.stop()
+
+
+def shipping_logger(url: str, spool: Path, **options) -> tuple[logging.Logger, ShippingHandler]:
+    handler = ShippingHandler(
+        HttpSink(url, timeout=2), str(spool), flush_interval=0.05, backoff_cap=0.2, **options
+    )
+    handler.setFormatter(EcsJsonFormatter(service_name="ship-test"))
+    logger = logging.getLogger(f"ship.{spool.name}")
+    logger.handlers = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return logger, handler
+
+
+def numbers(records: list[dict]) -> list[int]:
+    return [int(r["message"]) for r in records if r["message"].isdigit()]
+
+
+def test_an_outage_under_load_loses_nothing_and_keeps_order(receiver, tmp_path) -> None:
+    url = f"http://shipper:s3cret@127.0.0.1:{receiver.port}/"
+    logger, handler = shipping_logger(url, tmp_path / "spool")
+    for i in range(2000):
+        logger.info("%d", i)
+    wait_for(lambda: len(receiver.records) == 2000, 20, "the first 2000 records")
+
+    receiver.stop()  # Logstash goes away while the logging goes on
+    for i in range(2000, 6000):
+        logger.info("%d", i)
+    wait_for(lambda: handler._spool is not None and len(handler._spool) > 0, 20, "spooling")
+    receiver.start()
+    for i in range(6000, 8000):
+        logger.info("%d", i)
+    wait_for(lambda: len(receiver.records) >= 8000, 30, "every record after the outage")
+    handler.close()
+    assert numbers(receiver.records) == list(range(8000))  # exactly once, in order
+    assert handler.dropped == 0
+    assert receiver.auth[0] == "Basic c2hpcHBlcjpzM2NyZXQ="
+
+
+def test_emit_never_waits_for_the_sink(tmp_path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/"  # nothing listens
+    logger, handler = shipping_logger(dead, tmp_path / "spool", max_queue=100)
+    for i in range(5000):
+        logger.info("%d", i)  # returns at once; the queue keeps the newest 100
+    assert handler.dropped >= 4900 - handler.batch_size
+    handler.close()
+
+
+def test_close_spills_to_disk_and_the_next_start_sends_it(receiver, tmp_path) -> None:
+    spool_dir = tmp_path / "spool"
+    receiver.stop()
+    logger, handler = shipping_logger(f"http://127.0.0.1:{receiver.port}/", spool_dir)
+    for i in range(300):
+        logger.info("%d", i)
+    handler.close()  # the sink is down: everything goes to the spool
+    assert sum(1 for _ in spool_dir.rglob("*.ndjson")) > 0
+    receiver.start()
+    logger, handler = shipping_logger(f"http://127.0.0.1:{receiver.port}/", spool_dir)
+    # The earlier process is gone (same pid here, so its spool is this one's own).
+    logger.info("300")
+    wait_for(lambda: len(receiver.records) >= 301, 20, "the spooled records resent")
+    handler.close()
+    assert numbers(receiver.records) == list(range(301))
+
+
+def test_the_spool_keeps_the_newest_and_counts_what_it_dropped(tmp_path) -> None:
+    spool = Spool(tmp_path, max_bytes=1000)
+    for i in range(100):
+        spool.push([json.dumps({"n": i}).encode()])
+    kept = []
+    while (batch := spool.peek()) is not None:
+        kept += [json.loads(line)["n"] for line in batch]
+        spool.pop()
+    assert kept == list(range(100 - len(kept), 100))
+    assert spool.dropped_lines == 100 - len(kept)
+    assert spool.size == 0
+
+
+def test_bad_urls_are_refused() -> None:
+    with pytest.raises(ValueError, match="http"):
+        HttpSink("tcp://logstash:5000")
