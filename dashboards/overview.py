@@ -17,6 +17,7 @@ from .panels import (
     rate,
     selector,
     stat,
+    throughput,
     timeseries,
     top_table,
     variables,
@@ -35,14 +36,7 @@ def build(kibana_url: str) -> g.Dashboard:
     failed = m.TASK_COUNTERS["task-failed"]
     panels = [
         grid.row("Tasks"),
-        timeseries(
-            grid,
-            "Task throughput by state",
-            [(rate(spec), kind.removeprefix("task-")) for kind, spec in m.TASK_COUNTERS.items()],
-            unit="ops",
-            width=16,
-            description="Task events per second, by lifecycle step.",
-        ),
+        throughput(grid, "Task throughput by state"),
         timeseries(
             grid,
             "Failure rate",

@@ -143,6 +143,18 @@ def timeseries(
     )
 
 
+def throughput(grid: Grid, title: str = "Throughput by state") -> g.TimeSeries:
+    pairs = [(rate(spec), kind.removeprefix("task-")) for kind, spec in m.TASK_COUNTERS.items()]
+    return timeseries(
+        grid,
+        title,
+        pairs,
+        unit="ops",
+        width=16,
+        description="Task events per second, by lifecycle step.",
+    )
+
+
 def queue_length(grid: Grid, width: int = 12, height: int = 8) -> g.TimeSeries:
     return timeseries(
         grid,

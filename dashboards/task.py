@@ -15,6 +15,7 @@ from .panels import (
     quantile,
     rate,
     selector,
+    throughput,
     timeseries,
     top_table,
     variables,
@@ -31,13 +32,7 @@ def build(kibana_url: str) -> g.Dashboard:
     ]
     panels = [
         grid.row("$task"),
-        timeseries(
-            grid,
-            "Throughput by state",
-            [(rate(spec), kind.removeprefix("task-")) for kind, spec in m.TASK_COUNTERS.items()],
-            unit="ops",
-            width=16,
-        ),
+        throughput(grid),
         timeseries(
             grid, "Failure rate", [(failure_percent(), "failed %")], unit="percent", width=8
         ),

@@ -172,10 +172,18 @@ class ExporterProcess(Process):
 
 
 class WorkerProcess(Process):
-    """A real `celery worker` (prefork) running tests/cluster_app.py."""
+    """A real `celery worker` (prefork) running a test app (tests/cluster_app.py by default)."""
 
     def __init__(
-        self, broker_url: str, queue: str, name: str, *flags: str, events: bool = True
+        self,
+        broker_url: str,
+        queue: str,
+        name: str,
+        *flags: str,
+        events: bool = True,
+        app: str = "cluster_app",
+        env: dict[str, str] | None = None,
+        quiet: bool = False,
     ) -> None:
         self.hostname = f"{name}@{socket.gethostname()}"
         super().__init__(
@@ -183,8 +191,9 @@ class WorkerProcess(Process):
                 sys.executable,
                 "-m",
                 "celery",
+                *(["-q"] if quiet else []),  # no startup banner: stdout is only log lines
                 "-A",
-                "cluster_app",
+                app,
                 "worker",
                 "-P",
                 "prefork",
@@ -201,7 +210,7 @@ class WorkerProcess(Process):
                 *(["-E"] if events else []),
                 *flags,
             ],
-            env={"OBS_TEST_BROKER": broker_url, "OBS_TEST_QUEUE": queue},
+            env={"OBS_TEST_BROKER": broker_url, "OBS_TEST_QUEUE": queue, **(env or {})},
             cwd=TESTS,
         )
 

@@ -6,7 +6,6 @@ import io
 import json
 import logging
 import signal
-import sys
 import uuid
 from collections import defaultdict
 
@@ -16,7 +15,7 @@ from log_shipping.formatter import EcsJsonFormatter
 from log_shipping.hooks import LogConfig, config_from_env, make_handler
 from log_shipping.redact import REDACTED, Redactor
 
-from support import TESTS, Process, producer, wait_for
+from support import WorkerProcess, producer, wait_for
 
 
 def json_lines(text: str) -> list[dict]:
@@ -117,30 +116,14 @@ def test_environment_overrides_code(tmp_path) -> None:
 @pytest.mark.broker
 @pytest.mark.parametrize("hijack", ["1", "0"], ids=["hijack-root", "no-hijack"])
 def test_real_prefork_worker_logs_every_step_as_json(redis_url, queue, hijack) -> None:
-    worker = Process(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-q",
-            "-A",
-            "logging_app",
-            "worker",
-            "-P",
-            "prefork",
-            "-c",
-            "2",
-            "-Q",
-            queue,
-            "-n",
-            f"logs-{uuid.uuid4().hex[:6]}@%h",
-            "--without-mingle",
-            "--without-gossip",
-            "-l",
-            "INFO",
-        ],
-        env={"OBS_TEST_BROKER": redis_url, "OBS_TEST_QUEUE": queue, "OBS_TEST_HIJACK": hijack},
-        cwd=TESTS,
+    worker = WorkerProcess(
+        redis_url,
+        queue,
+        f"logs-{uuid.uuid4().hex[:6]}",
+        events=False,
+        app="logging_app",
+        env={"OBS_TEST_HIJACK": hijack},
+        quiet=True,
     )
     try:
         wait_for(lambda: "ready" in worker.output(), 30, "the worker ready")
