@@ -4,16 +4,16 @@ Celery configures the worker's loggers itself (root and `celery.task`, hijacked 
 has, the `after_setup_logger` / `after_setup_task_logger` signals hand us each logger and we put
 the ECS JSON formatter and the task-context filter on its handlers (adding one on the chosen
 output if it has none). So Celery's own lines, task loggers, plain `logging` and redirected
-`print` all come out as JSON. Every option has a `CELERY_OBS_LOG_*` environment variable, so a
-deployment can change them without code.
+`print` all come out as JSON. Network outputs (Logstash, Elasticsearch) get a shipping handler
+on the same loggers. Every option is also a `celery_obs_log_*` setting and a `CELERY_OBS_LOG_*`
+environment variable, so a deployment can change them without code.
 """
 
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
-import sys
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,18 +21,23 @@ from typing import Any
 from celery import Celery, signals
 from celery.utils.log import get_multiprocessing_logger
 
+from . import outputs
 from .context import TaskContextFilter
 from .formatter import EcsJsonFormatter
 from .lifecycle import Lifecycle
 from .redact import DEFAULT_PATTERNS, Redactor
+from .shipper import ShippingHandler
 
 ENV_PREFIX = "CELERY_OBS_LOG_"
+#: app.conf keys: `celery_obs_log_output`, `celery_obs_log_service_name`, ...
+CONF_PREFIX = "celery_obs_log_"
 
 
 @dataclass(frozen=True)
 class LogConfig:
     service_name: str = "celery"
-    #: "stdout", "stderr" or "file:/path/to/worker.log" (rotated).
+    #: Comma-separated: stdout, stderr, file:PATH, http(s)://, tcp://, tls://,
+    #: elasticsearch+http(s):// (see outputs.py).
     output: str = "stdout"
     level: str = "INFO"
     include_args: bool = False
@@ -40,6 +45,16 @@ class LogConfig:
     max_value_length: int = 256
     file_max_bytes: int = 50 * 1024 * 1024
     file_backups: int = 5
+    # Network outputs: credentials (also accepted inside the URL), TLS, spool, batching.
+    username: str | None = None
+    password: str | None = None
+    api_key: str | None = None
+    ca_certs: str | None = None
+    verify_certs: bool = True
+    spool_dir: str = os.path.join(tempfile.gettempdir(), "celery-obs-log-spool")
+    spool_max_mb: int = 256
+    flush_interval: float = 0.5
+    data_stream: str = "logs-celery-default"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -47,55 +62,102 @@ def _bool(text: str) -> bool:
     return text.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _patterns(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+#: Settings a deployment may change without code, and how their text is read.
+SETTINGS: dict[str, Callable[[str], Any]] = {
+    "service_name": str,
+    "output": str,
+    "level": str.upper,
+    "include_args": _bool,
+    "redact": _patterns,
+    "max_value_length": int,
+    "username": str,
+    "password": str,
+    "api_key": str,
+    "ca_certs": str,
+    "verify_certs": _bool,
+    "spool_dir": str,
+    "spool_max_mb": int,
+    "flush_interval": float,
+    "data_stream": str,
+}
+
+
+def _with(base: LogConfig, values: Mapping[str, Any]) -> LogConfig:
+    return LogConfig(**{**base.__dict__, **{k: v for k, v in values.items() if v is not None}})
+
+
 def config_from_env(environ: Mapping[str, str], base: LogConfig) -> LogConfig:
-    """Environment variables override what the code passed to install()."""
+    """Environment variables override everything else."""
     values: dict[str, Any] = {}
-    parse: dict[str, Callable[[str], Any]] = {
-        "service_name": str,
-        "output": str,
-        "level": str.upper,
-        "include_args": _bool,
-        "redact": lambda t: tuple(p.strip() for p in t.split(",") if p.strip()),
-        "max_value_length": int,
-    }
-    for name, convert in parse.items():
+    for name, convert in SETTINGS.items():
         raw = environ.get(ENV_PREFIX + name.upper())
         if raw:
-            values[name] = convert(raw)
-    return LogConfig(**{**base.__dict__, **values})
+            try:
+                values[name] = convert(raw)
+            except ValueError:
+                raise ValueError(f"{ENV_PREFIX + name.upper()}={raw!r} is not valid") from None
+    return _with(base, values)
 
 
-def make_handler(config: LogConfig) -> logging.Handler:
-    if config.output.startswith("file:"):
-        return logging.handlers.RotatingFileHandler(
-            config.output[len("file:") :],
-            maxBytes=config.file_max_bytes,
-            backupCount=config.file_backups,
-            encoding="utf-8",
-        )
-    if config.output in ("stdout", "stderr"):
-        # sys.__stdout__: Celery redirects sys.stdout into logging; writing there would loop.
-        return logging.StreamHandler(
-            sys.__stdout__ if config.output == "stdout" else sys.__stderr__
-        )
-    raise ValueError(f"log output must be stdout, stderr or file:PATH, got {config.output!r}")
+def config_from_app(app: Celery | None, base: LogConfig) -> LogConfig:
+    """`celery_obs_log_*` settings in app.conf override install()'s keyword arguments."""
+    if app is None:
+        return base
+    values: dict[str, Any] = {}
+    for name, convert in SETTINGS.items():
+        value = app.conf.get(CONF_PREFIX + name)
+        if value is None:
+            continue
+        if isinstance(value, str) and convert is not str:
+            value = convert(value)
+        elif name == "redact" and not isinstance(value, str):
+            value = tuple(value)
+        values[name] = value
+    return _with(base, values)
+
+
+def make_handler(spec: str, config: LogConfig) -> logging.Handler:
+    """A handler for one output entry (see outputs.py)."""
+    if outputs.is_local(spec):
+        return outputs.make_local_handler(spec, config)
+    return outputs.make_shipping_handler(spec, config)
 
 
 class JsonLogging:
-    """Applies the formatter and filter to whatever loggers Celery sets up."""
+    """Applies the formatter and filter to whatever loggers Celery sets up, and attaches the
+    network shippers (one per network output, shared by every logger) to them."""
 
     def __init__(self, config: LogConfig) -> None:
         self.config = config
         self.formatter = EcsJsonFormatter(service_name=config.service_name)
         self.filter = TaskContextFilter()
+        specs = outputs.split_outputs(config.output)
+        self.local = [spec for spec in specs if outputs.is_local(spec)]
+        self.shippers: list[ShippingHandler] = []
+        for spec in specs:
+            if outputs.is_network(spec):
+                shipper = outputs.make_shipping_handler(spec, config)
+                shipper.setFormatter(self.formatter)
+                shipper.addFilter(self.filter)
+                self.shippers.append(shipper)
 
     def apply(self, logger: logging.Logger, **_: Any) -> None:
         if not logger.handlers:
-            logger.addHandler(make_handler(self.config))
+            for spec in self.local:
+                logger.addHandler(outputs.make_local_handler(spec, self.config))
         for handler in logger.handlers:
+            if isinstance(handler, ShippingHandler):
+                continue
             handler.setFormatter(self.formatter)
             if self.filter not in handler.filters:
                 handler.addFilter(self.filter)
+        for shipper in self.shippers:
+            if shipper not in logger.handlers:
+                logger.addHandler(shipper)
         logger.setLevel(self.config.level)
 
     def apply_root(self, logger: logging.Logger, **kwargs: Any) -> None:
@@ -108,9 +170,18 @@ class JsonLogging:
             self.apply(pool_logger)
             pool_logger.setLevel(level)
 
+    def flush_shippers(self, **_: Any) -> None:
+        """Worker (or pool child) shutting down: send what is queued, within a bounded time;
+        what cannot be sent stays in the spool for the next start."""
+        for shipper in self.shippers:
+            shipper.close()
+
     def connect(self) -> None:
         signals.after_setup_logger.connect(self.apply_root, weak=False)
         signals.after_setup_task_logger.connect(self.apply, weak=False)
+        # Pool children leave through os._exit: no atexit, so logging.shutdown never runs.
+        signals.worker_process_shutdown.connect(self.flush_shippers, weak=False)
+        signals.worker_shutdown.connect(self.flush_shippers, weak=False)
 
 
 _installed: list[tuple[JsonLogging, Lifecycle]] = []
@@ -126,16 +197,22 @@ def install(
     redact: Iterable[str] | None = None,
     max_value_length: int | None = None,
     environ: Mapping[str, str] | None = None,
+    **network: Any,
 ) -> LogConfig:
-    """Turn the worker's logs into ECS JSON and log every task lifecycle step.
+    """Turn the worker's logs into ECS JSON, log every task lifecycle step, and ship them.
 
-    Call it once in the module that defines the Celery app. Keyword arguments override the
-    defaults; `CELERY_OBS_LOG_*` environment variables override both. Returns the config used.
-    Calling it again is a no-op (it returns the first config).
+    Call it once in the module that defines the Celery app, after its configuration. Settings
+    come from, lowest first: the defaults, these keyword arguments (network ones too:
+    `username`, `password`, `api_key`, `ca_certs`, `verify_certs`, `spool_dir`, `spool_max_mb`,
+    `flush_interval`, `data_stream`), `celery_obs_log_*` keys in `app.conf`, and
+    `CELERY_OBS_LOG_*` environment variables. Returns the config used. Calling it again is a
+    no-op (it returns the first config).
     """
     if _installed:
         return _installed[0][0].config
-    base = LogConfig()
+    unknown = set(network) - set(SETTINGS)
+    if unknown:
+        raise TypeError(f"install() got unknown settings: {', '.join(sorted(unknown))}")
     given = {
         "service_name": service_name or (app.main if app is not None and app.main else None),
         "output": output,
@@ -143,10 +220,15 @@ def install(
         "include_args": include_args,
         "redact": tuple(redact) if redact is not None else None,
         "max_value_length": max_value_length,
+        **network,
     }
-    config = LogConfig(**{**base.__dict__, **{k: v for k, v in given.items() if v is not None}})
+    config = _with(LogConfig(), given)
+    config = config_from_app(app, config)
     config = config_from_env(os.environ if environ is None else environ, config)
-    make_handler(config).close()  # a bad output fails here, at import, not in the worker
+    # A bad output fails here, at import, not in the worker.
+    for spec in outputs.split_outputs(config.output):
+        if outputs.is_local(spec):
+            outputs.make_local_handler(spec, config).close()
     json_logging = JsonLogging(config)
     json_logging.connect()
     # Python warnings (Celery's own included) become log records, hence JSON, too.

@@ -1,29 +1,28 @@
-"""Ship log lines to Logstash over HTTP without ever blocking the task that logged them.
+"""Ship log lines to a network sink without ever blocking the task that logged them.
 
 `ShippingHandler.emit` only formats and appends to a bounded in-memory queue. A background
 thread (started lazily in each process, so prefork pool children get their own) sends batches;
-a 2xx from Logstash's `http` input is the acknowledgement. When sending fails, the batch goes to
-an on-disk spool and so does everything after it, so order is kept; the spool is drained oldest
-first once the sink answers again, retrying with capped backoff meanwhile. On close the thread
-gets a bounded time to flush; what it cannot send stays in the spool for the next start.
+the sink (`sinks.py`, `elastic.py`) decides what counts as delivered. When sending fails, the
+batch goes to an on-disk spool and so does everything after it, so order is kept; the spool is
+drained oldest first once the sink answers again, retrying with capped backoff meanwhile. On
+close the thread gets a bounded time to flush; what it cannot send stays in the spool for the
+next start.
 Past the queue or spool bounds the oldest lines are dropped, counted, and reported in a record.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import http.client
 import json
 import logging
 import os
-import ssl
 import threading
-import urllib.parse
 from collections import deque
-from typing import Protocol
 
+from .sinks import Sink, SinkError
 from .spool import Spool
+
+__all__ = ["ShippingHandler", "Sink", "SinkError"]
 
 
 def _alive(pid: int) -> bool:
@@ -36,75 +35,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class SinkError(OSError):
-    """The sink did not take the batch; it will be retried from the spool."""
-
-
-class Sink(Protocol):
-    def send(self, lines: list[bytes]) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class HttpSink:
-    """POST a JSON array of records to Logstash's http input (one event per element)."""
-
-    def __init__(
-        self,
-        url: str,
-        timeout: float = 5.0,
-        username: str | None = None,
-        password: str | None = None,
-        api_key: str | None = None,
-        ssl_context: ssl.SSLContext | None = None,
-    ) -> None:
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ValueError(f"log shipping URL must be http(s)://host[:port][/path], got {url!r}")
-        self.https = parsed.scheme == "https"
-        self.host, self.port = parsed.hostname, parsed.port
-        self.path = parsed.path or "/"
-        self.timeout = timeout
-        self.ssl_context = ssl_context
-        self.headers = {"Content-Type": "application/json"}
-        user = username or (urllib.parse.unquote(parsed.username) if parsed.username else None)
-        secret = password or (urllib.parse.unquote(parsed.password) if parsed.password else "")
-        if api_key:
-            self.headers["Authorization"] = f"ApiKey {api_key}"
-        elif user:
-            token = base64.b64encode(f"{user}:{secret}".encode()).decode()
-            self.headers["Authorization"] = f"Basic {token}"
-        self._connection: http.client.HTTPConnection | None = None
-
-    def _connect(self) -> http.client.HTTPConnection:
-        if self._connection is None:
-            if self.https:
-                self._connection = http.client.HTTPSConnection(
-                    self.host, self.port, timeout=self.timeout, context=self.ssl_context
-                )
-            else:
-                self._connection = http.client.HTTPConnection(
-                    self.host, self.port, timeout=self.timeout
-                )
-        return self._connection
-
-    def send(self, lines: list[bytes]) -> None:
-        body = b"[" + b",".join(lines) + b"]"
-        try:
-            connection = self._connect()
-            connection.request("POST", self.path, body=body, headers=self.headers)
-            response = connection.getresponse()
-            response.read()
-        except (OSError, http.client.HTTPException) as exc:
-            self.close()
-            raise SinkError(f"{type(exc).__name__}: {exc}") from None
-        if not 200 <= response.status < 300:
-            raise SinkError(f"HTTP {response.status} {response.reason}")
-
-    def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+def _owner(entry: str) -> int | None:
+    """The pid owning a spool directory: `pid-N`, or `claimed-N-...` while N adopts it."""
+    for prefix in ("pid-", "claimed-"):
+        if entry.startswith(prefix):
+            number = entry[len(prefix) :].split("-", 1)[0]
+            return int(number) if number.isdigit() else None
+    return None
 
 
 class ShippingHandler(logging.Handler):
@@ -162,6 +99,8 @@ class ShippingHandler(logging.Handler):
                 return
             self._pid = os.getpid()
             self._queue = deque()  # a forked child must not resend its parent's lines
+            # Fresh events: a lock inside one may have been held by the parent's thread at fork.
+            self._wake = threading.Event()
             self._stopping = threading.Event()
             self._spool = Spool(
                 os.path.join(self.spool_root, f"pid-{self._pid}"), self.spool_max_bytes
@@ -171,19 +110,26 @@ class ShippingHandler(logging.Handler):
             self._thread.start()
 
     def _adopt_orphans(self, spool: Spool) -> None:
-        """Take over spools left by processes that are gone (a restarted worker's children)."""
+        """Take over spools left by processes that are gone (a restarted worker's children).
+
+        The pool children of a restarted worker start together: each claims an orphan by
+        renaming its directory first, so exactly one of them resends it.
+        """
         for entry in sorted(os.listdir(self.spool_root)):
-            if not entry.startswith("pid-") or entry == f"pid-{self._pid}":
+            owner = _owner(entry)
+            if owner is None or owner == self._pid or _alive(owner):
                 continue
-            pid = int(entry[4:]) if entry[4:].isdigit() else 0
-            if pid and _alive(pid):
-                continue
-            orphan = Spool(os.path.join(self.spool_root, entry), self.spool_max_bytes)
+            claimed = os.path.join(self.spool_root, f"claimed-{self._pid}-{entry}")
+            try:
+                os.rename(os.path.join(self.spool_root, entry), claimed)
+            except OSError:
+                continue  # another process claimed it first
+            orphan = Spool(claimed, self.spool_max_bytes)
             while (batch := orphan.peek()) is not None:
                 spool.push(batch)
                 orphan.pop()
             with contextlib.suppress(OSError):
-                os.rmdir(orphan.directory)
+                os.rmdir(claimed)
 
     # -- the background thread ----------------------------------------------------------------
 
@@ -196,7 +142,7 @@ class ShippingHandler(logging.Handler):
     def _run(self) -> None:
         spool = self._spool
         assert spool is not None
-        delay, reported_drops = 0.5, 0
+        delay, reported_drops, reported_rejections = 0.5, 0, 0
         while True:
             stopping = self._stopping.is_set()
             if not stopping:
@@ -204,8 +150,25 @@ class ShippingHandler(logging.Handler):
                 self._wake.clear()
             drops = self.dropped + spool.dropped_lines
             if drops != reported_drops:
-                self._queue.append(self._drop_report(drops - reported_drops))
+                self._queue.append(
+                    self._report(
+                        "log-records-dropped",
+                        drops - reported_drops,
+                        "log shipping dropped %d records (queue or spool full)",
+                    )
+                )
                 reported_drops = drops
+            rejected = getattr(self.sink, "rejected", 0)
+            if rejected != reported_rejections:
+                self._queue.append(
+                    self._report(
+                        "log-records-rejected",
+                        rejected - reported_rejections,
+                        "the log sink refused %d records for good; latest: %s",
+                        getattr(self.sink, "last_rejection", ""),
+                    )
+                )
+                reported_rejections = rejected
             if self._drain(spool):
                 delay = 0.5
             else:
@@ -223,7 +186,10 @@ class ShippingHandler(logging.Handler):
         while (spooled := spool.peek()) is not None:
             try:
                 self.sink.send(spooled)
-            except SinkError:
+            except SinkError as exc:
+                if exc.remaining is not None:
+                    self.sent += len(spooled) - len(exc.remaining)
+                    spool.replace_oldest(exc.remaining)
                 self._spill(spool)
                 return False
             spool.pop()
@@ -231,8 +197,12 @@ class ShippingHandler(logging.Handler):
         while batch := self._take():
             try:
                 self.sink.send(batch)
-            except SinkError:
-                spool.push(batch)  # in order: everything after it follows into the spool
+            except SinkError as exc:
+                # In order: the unsent lines, then everything after them, go to the spool.
+                unsent = batch if exc.remaining is None else exc.remaining
+                self.sent += len(batch) - len(unsent)
+                if unsent:
+                    spool.push(unsent)
                 self._spill(spool)
                 return False
             self.sent += len(batch)
@@ -242,19 +212,14 @@ class ShippingHandler(logging.Handler):
         while batch := self._take():
             spool.push(batch)
 
-    def _drop_report(self, count: int) -> bytes:
+    def _report(self, action: str, count: int, message: str, *args: object) -> bytes:
+        """A record about the shipping itself (lost or refused lines), sent with the rest."""
         record = logging.LogRecord(
-            "celery_obs.log_shipping",
-            logging.WARNING,
-            __file__,
-            0,
-            "log shipping dropped %d records (queue or spool full)",
-            (count,),
-            None,
+            "celery_obs.log_shipping", logging.WARNING, __file__, 0, message, (count, *args), None
         )
         record.ecs = {
-            "event": {"action": "log-records-dropped", "outcome": "failure"},
-            "labels": {"dropped_records": count},
+            "event": {"action": action, "outcome": "failure"},
+            "labels": {action.replace("-", "_"): count},
         }
         try:
             return self.format(record).encode()
@@ -270,5 +235,7 @@ class ShippingHandler(logging.Handler):
             self._stopping.set()
             self._wake.set()
             self._thread.join(self.close_timeout)
+            if not self._thread.is_alive() and self._spool is not None:
+                self._spill(self._spool)  # lines logged after the flush: kept for next start
         self.sink.close()
         super().close()

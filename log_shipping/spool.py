@@ -50,6 +50,18 @@ class Spool:
             return None
         return self._files[0].read_bytes().splitlines()
 
+    def replace_oldest(self, lines: list[bytes]) -> None:
+        """Keep only `lines` of the oldest batch (the rest were delivered); atomic like push."""
+        if not lines:
+            self.pop()
+            return
+        oldest = self._files[0]
+        data = b"\n".join(lines) + b"\n"
+        tmp = oldest.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        self._bytes += len(data) - oldest.stat().st_size
+        tmp.rename(oldest)
+
     def pop(self) -> None:
         oldest = self._files.pop(0)
         self._bytes -= oldest.stat().st_size

@@ -1,5 +1,6 @@
 """A Celery app with log_shipping installed, run by the log tests in a real prefork worker."""
 
+import itertools
 import logging
 import os
 import time
@@ -46,3 +47,11 @@ def retry_once(self):
 @app.task(name="logs.sleep", time_limit=1)
 def sleep(seconds):
     time.sleep(seconds)
+
+
+_ticks = itertools.count()  # per process: the shipping test checks each pid's sequence
+
+
+@app.task(name="logs.tick")
+def tick():
+    task_logger.info("tick %d", next(_ticks))

@@ -5,56 +5,22 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from log_shipping.formatter import EcsJsonFormatter
-from log_shipping.shipper import HttpSink, ShippingHandler
+from log_shipping.shipper import ShippingHandler
+from log_shipping.sinks import HttpSink, TcpSink
 from log_shipping.spool import Spool
 
+from log_receivers import HttpReceiver, TcpReceiver
 from support import free_port, wait_for
-
-
-class Receiver:
-    """Logstash's http input in miniature: JSON arrays in, 200 out; can be stopped and restarted."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.records: list[dict] = []
-        self.auth: list[str | None] = []
-        self.server: ThreadingHTTPServer | None = None
-
-    def start(self) -> None:
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.records.extend(json.loads(body))
-                receiver.auth.append(self.headers.get("Authorization"))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        ThreadingHTTPServer.allow_reuse_address = True
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        assert self.server is not None
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
 def receiver():
-    receiver = Receiver(free_port())
+    receiver = HttpReceiver(free_port())
     receiver.start()
     yield receiver
     if receiver.server is not None:
@@ -140,3 +106,37 @@ def test_the_spool_keeps_the_newest_and_counts_what_it_dropped(tmp_path) -> None
 def test_bad_urls_are_refused() -> None:
     with pytest.raises(ValueError, match="http"):
         HttpSink("tcp://logstash:5000")
+
+
+def test_tcp_json_lines_reconnects_after_a_logstash_restart(tmp_path) -> None:
+    receiver = TcpReceiver(free_port())
+    receiver.start()
+    handler = ShippingHandler(
+        TcpSink(f"tcp://127.0.0.1:{receiver.port}"),
+        str(tmp_path),
+        flush_interval=0.05,
+        backoff_cap=0.2,
+    )
+    handler.setFormatter(EcsJsonFormatter(service_name="tcp-test"))
+    logger = logging.getLogger("ship.tcp")
+    logger.handlers = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        for i in range(1000):
+            logger.info("%d", i)
+        wait_for(lambda: len(receiver.records) == 1000, 20, "the first 1000 lines")
+        receiver.stop()  # a clean Logstash restart: the sink sees the close and reconnects
+        for i in range(1000, 2000):
+            logger.info("%d", i)
+        wait_for(lambda: len(list(tmp_path.rglob("*.ndjson"))) > 0, 20, "spooling")
+        receiver.start()
+        for i in range(2000, 3000):
+            logger.info("%d", i)
+        wait_for(lambda: len(receiver.records) >= 3000, 30, "every line after the restart")
+    finally:
+        handler.close()
+        receiver.stop()
+    assert numbers(receiver.records) == list(range(3000))
+    with pytest.raises(ValueError, match="tcp://host:port"):
+        TcpSink("tcp://logstash")

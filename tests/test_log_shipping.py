@@ -10,9 +10,11 @@ import uuid
 from collections import defaultdict
 
 import pytest
+from celery import Celery
 
 from log_shipping.formatter import EcsJsonFormatter
-from log_shipping.hooks import LogConfig, config_from_env, make_handler
+from log_shipping.hooks import LogConfig, config_from_app, config_from_env, make_handler
+from log_shipping.outputs import split_outputs, spool_name
 from log_shipping.redact import REDACTED, Redactor
 
 from support import WorkerProcess, producer, wait_for
@@ -104,13 +106,38 @@ def test_environment_overrides_code(tmp_path) -> None:
         True,
         ("pin", "cvv"),
     )
-    handler = make_handler(config)
+    handler = make_handler(config.output, config)
     handler.setFormatter(EcsJsonFormatter(service_name=config.service_name))
     handler.emit(logging.LogRecord("x", logging.INFO, __file__, 1, "to a file", None, None))
     handler.close()
     assert json_lines(path.read_text())[0]["message"] == "to a file"
-    with pytest.raises(ValueError, match="stdout, stderr or file:PATH"):
-        make_handler(LogConfig(output="syslog"))
+    with pytest.raises(ValueError, match="stdout, stderr, file:PATH"):
+        split_outputs("stdout,syslog")
+    with pytest.raises(ValueError, match="CELERY_OBS_LOG_FLUSH_INTERVAL"):
+        config_from_env({"CELERY_OBS_LOG_FLUSH_INTERVAL": "soon"}, base)
+
+
+def test_settings_precedence_code_then_app_conf_then_environment() -> None:
+    app = Celery("precedence", set_as_current=False)
+    app.conf.update(
+        celery_obs_log_output="stdout,http://logstash:8080/",
+        celery_obs_log_include_args="yes",
+        celery_obs_log_redact=["pin"],
+        celery_obs_log_spool_max_mb=16,
+    )
+    code = LogConfig(service_name="from-code", output="stderr", max_value_length=10)
+    config = config_from_env({"CELERY_OBS_LOG_SPOOL_MAX_MB": "32"}, config_from_app(app, code))
+    assert (config.service_name, config.output, config.max_value_length) == (
+        "from-code",
+        "stdout,http://logstash:8080/",
+        10,
+    )
+    assert (config.include_args, config.redact, config.spool_max_mb) == (True, ("pin",), 32)
+    assert split_outputs(config.output) == ["stdout", "http://logstash:8080/"]
+    # Spool directories are named after the destination, never its credentials.
+    assert spool_name("https://user:pw@logs.example:8443/celery") == (
+        "https-logs.example-8443-celery"
+    )
 
 
 @pytest.mark.broker

@@ -1,0 +1,122 @@
+"""Where the worker's JSON lines go, from one `output` setting.
+
+`output` is a comma-separated list; each entry is one of:
+
+- `stdout`, `stderr`, `file:PATH` (rotated): local lines, for container log collectors and
+  Filebeat. Used on loggers Celery left without a handler; where Celery has one (its stderr
+  handler, or `--logfile`), that handler writes the JSON instead.
+- `http://host:port/` or `https://...`: Logstash's `http` input, acknowledged batches.
+- `tcp://host:port` or `tls://host:port`: Logstash's `tcp` input with `json_lines`.
+- `elasticsearch+http://host:9200` or `elasticsearch+https://...`: an Elasticsearch data
+  stream, through the bulk helpers.
+
+Every network entry gets its own `ShippingHandler`, with its own spool directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import re
+import ssl
+import sys
+import urllib.parse
+from typing import TYPE_CHECKING
+
+from .shipper import ShippingHandler
+from .sinks import HttpSink, Sink, TcpSink
+
+if TYPE_CHECKING:
+    from .hooks import LogConfig
+
+LOCAL_OUTPUTS = ("stdout", "stderr")
+ES_PREFIX = "elasticsearch+"
+NETWORK_SCHEMES = ("http", "https", "tcp", "tls", ES_PREFIX + "http", ES_PREFIX + "https")
+
+
+def split_outputs(output: str) -> list[str]:
+    outputs = [part.strip() for part in output.split(",") if part.strip()]
+    if not outputs:
+        raise ValueError("log output is empty; use stdout, stderr, file:PATH or a URL")
+    for spec in outputs:
+        if not (is_local(spec) or is_network(spec)):
+            raise ValueError(
+                f"log output must be stdout, stderr, file:PATH, http(s)://, tcp://, tls:// or "
+                f"elasticsearch+http(s):// URLs, got {spec!r}"
+            )
+    return outputs
+
+
+def is_local(spec: str) -> bool:
+    return spec in LOCAL_OUTPUTS or (spec.startswith("file:") and len(spec) > len("file:"))
+
+
+def is_network(spec: str) -> bool:
+    return urllib.parse.urlsplit(spec).scheme in NETWORK_SCHEMES
+
+
+def make_local_handler(spec: str, config: LogConfig) -> logging.Handler:
+    if spec.startswith("file:"):
+        return logging.handlers.RotatingFileHandler(
+            spec[len("file:") :],
+            maxBytes=config.file_max_bytes,
+            backupCount=config.file_backups,
+            encoding="utf-8",
+        )
+    if spec in LOCAL_OUTPUTS:
+        # sys.__stdout__: Celery redirects sys.stdout into logging; writing there would loop.
+        return logging.StreamHandler(sys.__stdout__ if spec == "stdout" else sys.__stderr__)
+    raise ValueError(f"not a local log output: {spec!r}")
+
+
+def ssl_context(config: LogConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=config.ca_certs)
+    if not config.verify_certs:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def make_sink(spec: str, config: LogConfig) -> Sink:
+    scheme = urllib.parse.urlsplit(spec).scheme
+    tls = ssl_context(config) if scheme.endswith(("https", "tls")) else None
+    if scheme.startswith(ES_PREFIX):
+        from .elastic import ElasticsearchSink  # the elasticsearch client loads only if used
+
+        return ElasticsearchSink(
+            spec,
+            config.data_stream,
+            username=config.username,
+            password=config.password,
+            api_key=config.api_key,
+            ca_certs=config.ca_certs,
+            verify_certs=config.verify_certs,
+        )
+    if scheme in ("tcp", "tls"):
+        return TcpSink(spec, ssl_context=tls)
+    return HttpSink(
+        spec,
+        username=config.username,
+        password=config.password,
+        api_key=config.api_key,
+        ssl_context=tls,
+    )
+
+
+def spool_name(spec: str) -> str:
+    """A directory name per destination, without credentials: `http-logstash-8080`."""
+    parsed = urllib.parse.urlsplit(spec)
+    where = f"{parsed.scheme}-{parsed.hostname}-{parsed.port or ''}{parsed.path}"
+    return re.sub(r"[^A-Za-z0-9.]+", "-", where).strip("-")
+
+
+def make_shipping_handler(spec: str, config: LogConfig) -> ShippingHandler:
+    spool_dir = os.path.join(config.spool_dir, spool_name(spec))
+    os.makedirs(spool_dir, exist_ok=True)
+    return ShippingHandler(
+        make_sink(spec, config),
+        spool_dir,
+        flush_interval=config.flush_interval,
+        spool_max_bytes=config.spool_max_mb * 1024 * 1024,
+    )

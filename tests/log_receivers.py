@@ -1,0 +1,81 @@
+"""Local stand-ins for Logstash's inputs, for the log shipping tests: each can be stopped and
+restarted on the same port, and keeps every record it was given, in arrival order."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import socketserver
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class HttpReceiver:
+    """Logstash's http input in miniature: JSON arrays in, 200 out; can be stopped and restarted."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.records: list[dict] = []
+        self.auth: list[str | None] = []
+        self.server: ThreadingHTTPServer | None = None
+
+    def start(self) -> None:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                receiver.records.extend(json.loads(body))
+                receiver.auth.append(self.headers.get("Authorization"))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        assert self.server is not None
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class TcpReceiver:
+    """Logstash's tcp input with the json_lines codec: one JSON record per line."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.records: list[dict] = []
+        self.server: socketserver.ThreadingTCPServer | None = None
+        self.connections: list[socket.socket] = []
+
+    def start(self) -> None:
+        receiver = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                receiver.connections.append(self.connection)
+                for line in self.rfile:
+                    if line.strip():
+                        receiver.records.append(json.loads(line))
+
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        socketserver.ThreadingTCPServer.daemon_threads = True
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop listening and drop every connection, as a Logstash restart does."""
+        assert self.server is not None
+        self.server.shutdown()
+        self.server.server_close()
+        for connection in self.connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+            connection.close()
+        self.connections.clear()
