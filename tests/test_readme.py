@@ -1,4 +1,5 @@
-"""The README documents every metric of the catalogue and every flag of the exporter."""
+"""The README documents every metric of the catalogue, every flag of the exporter and every
+log_shipping setting."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 from exporter.cli import build_parser
 from exporter.metrics import CATALOGUE
+from log_shipping.hooks import SETTINGS
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
@@ -36,3 +38,8 @@ def test_flag_table_lists_every_exporter_flag() -> None:
     }
     documented = {flag for row in table("flags") for flag in re.findall(r"`(--[\w.-]+)`", row[0])}
     assert documented == flags
+
+
+def test_log_settings_table_lists_every_setting() -> None:
+    documented = {name for row in table("log-settings") for name in re.findall(r"`(\w+)`", row[0])}
+    assert documented == set(SETTINGS)
