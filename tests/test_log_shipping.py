@@ -227,3 +227,37 @@ def test_real_prefork_worker_logs_every_step_as_json(redis_url, queue, hijack) -
         assert worker.wait(20) == 0
     finally:
         worker.close()
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("pool", ["threads", "solo"])
+def test_threads_and_solo_pools_log_the_same_records(redis_url, queue, pool) -> None:
+    worker = WorkerProcess(
+        redis_url,
+        queue,
+        f"logs-{pool}-{uuid.uuid4().hex[:6]}",
+        "-P",  # after WorkerProcess' own "-P prefork": the last one wins
+        pool,
+        events=False,
+        app="logging_app",
+        quiet=True,
+    )
+    try:
+        wait_for(lambda: "ready" in worker.output(), 30, "the worker ready")
+        app = producer(redis_url, queue)
+        ok, bad = app.send_task("logs.add", (1, 2)).id, app.send_task("logs.fail").id
+
+        def steps() -> dict[str, list[str]]:
+            by_task: dict[str, list[str]] = defaultdict(list)
+            for record in json_lines(worker.output()):
+                if record.get("log", {}).get("logger") == "celery_obs.lifecycle":
+                    by_task[record["celery"]["task"]["id"]].append(record["event"]["action"])
+            return by_task
+
+        expected = {ok: ["task-started", "task-succeeded"], bad: ["task-started", "task-failed"]}
+        wait_for(lambda: {k: steps()[k] for k in expected} == expected, 30, "lifecycle records")
+        inside = [r for r in json_lines(worker.output()) if r["message"] == "adding 1 and 2"]
+        assert [r["celery"]["task"] for r in inside] == [{"id": ok, "name": "logs.add"}]
+        assert inside[0]["process"]["name"] == "MainProcess"  # not a prefork pool child
+    finally:
+        worker.close()
