@@ -12,7 +12,6 @@ Past the queue or spool bounds the oldest lines are dropped, counted, and report
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -20,28 +19,13 @@ import threading
 from collections import deque
 
 from .sinks import Sink, SinkError
-from .spool import Spool
+from .spool import Spool, SpoolBusy
 
 __all__ = ["ShippingHandler", "Sink", "SinkError"]
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, not ours
-        return True
-    return True
-
-
-def _owner(entry: str) -> int | None:
-    """The pid owning a spool directory: `pid-N`, or `claimed-N-...` while N adopts it."""
-    for prefix in ("pid-", "claimed-"):
-        if entry.startswith(prefix):
-            number = entry[len(prefix) :].split("-", 1)[0]
-            return int(number) if number.isdigit() else None
-    return None
+# Said on the shipping thread: ShippingHandler drops those records (shipping them could fail
+# again, and say so again), Celery's own handlers show them on the worker's stderr.
+status = logging.getLogger("celery_obs.log_shipping")
 
 
 class ShippingHandler(logging.Handler):
@@ -68,6 +52,7 @@ class ShippingHandler(logging.Handler):
         self.close_timeout = close_timeout
         self.dropped = 0  # lines dropped from the full in-memory queue
         self.sent = 0
+        self.last_error: str | None = None  # while the sink is failing
         self._pid = -1
         self._queue: deque[bytes] = deque()
         self._wake = threading.Event()
@@ -78,6 +63,10 @@ class ShippingHandler(logging.Handler):
     # -- the task's side: format and enqueue, nothing else ----------------------------------
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self._thread is not None and threading.current_thread() is self._thread:
+            # Logged while shipping (the Elasticsearch client logs every request, and its
+            # failures): shipping that would log again, forever. Other handlers still show it.
+            return
         try:
             line = self.format(record).encode()
         except Exception:
@@ -102,34 +91,40 @@ class ShippingHandler(logging.Handler):
             # Fresh events: a lock inside one may have been held by the parent's thread at fork.
             self._wake = threading.Event()
             self._stopping = threading.Event()
-            self._spool = Spool(
-                os.path.join(self.spool_root, f"pid-{self._pid}"), self.spool_max_bytes
-            )
+            if self._spool is not None:  # a forked child: the parent's are not ours
+                self._spool.release()
+                self.sink.close()
+            self._spool = self._own_spool()
             self._adopt_orphans(self._spool)
             self._thread = threading.Thread(target=self._run, name="log-shipper", daemon=True)
             self._thread.start()
 
-    def _adopt_orphans(self, spool: Spool) -> None:
-        """Take over spools left by processes that are gone (a restarted worker's children).
-
-        The pool children of a restarted worker start together: each claims an orphan by
-        renaming its directory first, so exactly one of them resends it.
-        """
-        for entry in sorted(os.listdir(self.spool_root)):
-            owner = _owner(entry)
-            if owner is None or owner == self._pid or _alive(owner):
-                continue
-            claimed = os.path.join(self.spool_root, f"claimed-{self._pid}-{entry}")
+    def _own_spool(self) -> Spool:
+        os.makedirs(self.spool_root, exist_ok=True)
+        name = f"pid-{self._pid}"
+        for attempt in range(100):
             try:
-                os.rename(os.path.join(self.spool_root, entry), claimed)
-            except OSError:
-                continue  # another process claimed it first
-            orphan = Spool(claimed, self.spool_max_bytes)
+                return Spool(os.path.join(self.spool_root, name), self.spool_max_bytes)
+            except SpoolBusy:  # the same pid in another container sharing the spool volume
+                name = f"pid-{self._pid}-{attempt + 1}"
+        raise SpoolBusy(f"no free spool directory under {self.spool_root}")
+
+    def _adopt_orphans(self, spool: Spool) -> None:
+        """Take over spools whose owner is gone (a restarted worker's processes): being able to
+        lock one means its owner died. Of the pool children that start together, the one
+        holding the lock moves the batches into its own spool, in order; the rest skip it."""
+        for entry in sorted(os.listdir(self.spool_root)):
+            path = os.path.join(self.spool_root, entry)
+            if not entry.startswith("pid-") or path == str(spool.directory):
+                continue
+            try:
+                orphan = Spool(path, self.spool_max_bytes)
+            except OSError:  # SpoolBusy: its owner runs; or it vanished meanwhile
+                continue
             while (batch := orphan.peek()) is not None:
                 spool.push(batch)
                 orphan.pop()
-            with contextlib.suppress(OSError):
-                os.rmdir(claimed)
+            orphan.remove()
 
     # -- the background thread ----------------------------------------------------------------
 
@@ -184,29 +179,44 @@ class ShippingHandler(logging.Handler):
     def _drain(self, spool: Spool) -> bool:
         """Send spooled batches, then queued ones; False (spooling the batch) on failure."""
         while (spooled := spool.peek()) is not None:
-            try:
-                self.sink.send(spooled)
-            except SinkError as exc:
-                if exc.remaining is not None:
-                    self.sent += len(spooled) - len(exc.remaining)
-                    spool.replace_oldest(exc.remaining)
+            unsent = self._send(spooled)
+            if unsent is not None:
+                if len(unsent) < len(spooled):
+                    spool.replace_oldest(unsent)
                 self._spill(spool)
                 return False
             spool.pop()
-            self.sent += len(spooled)
         while batch := self._take():
-            try:
-                self.sink.send(batch)
-            except SinkError as exc:
+            unsent = self._send(batch)
+            if unsent is not None:
                 # In order: the unsent lines, then everything after them, go to the spool.
-                unsent = batch if exc.remaining is None else exc.remaining
-                self.sent += len(batch) - len(unsent)
                 if unsent:
                     spool.push(unsent)
                 self._spill(spool)
                 return False
-            self.sent += len(batch)
         return True
+
+    def _send(self, lines: list[bytes]) -> list[bytes] | None:
+        """None when the sink took every line, else the lines still to send."""
+        try:
+            self.sink.send(lines)
+        except Exception as exc:  # SinkError, or a sink's bug: either way keep the lines
+            remaining = getattr(exc, "remaining", None)
+            unsent = lines if remaining is None else remaining
+            self.sent += len(lines) - len(unsent)
+            if self.last_error is None:
+                status.warning(
+                    "log shipping failing (%s); keeping records in %s and retrying",
+                    exc,
+                    self.spool_root,
+                )
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            return unsent
+        self.sent += len(lines)
+        if self.last_error is not None:
+            status.warning("log shipping recovered (last error: %s)", self.last_error)
+            self.last_error = None
+        return None
 
     def _spill(self, spool: Spool) -> None:
         while batch := self._take():
@@ -237,5 +247,6 @@ class ShippingHandler(logging.Handler):
             self._thread.join(self.close_timeout)
             if not self._thread.is_alive() and self._spool is not None:
                 self._spill(self._spool)  # lines logged after the flush: kept for next start
+                self._spool.release()  # the next process (or handler) takes over what is left
         self.sink.close()
         super().close()

@@ -4,18 +4,36 @@ One file per batch (`<sequence>.ndjson`, written to a temporary name and renamed
 never leaves half a batch), read back oldest first. Past `max_bytes` the oldest batches are
 deleted and their lines counted as dropped: an outage longer than the spool loses the oldest
 records, says how many, and keeps the newest.
+
+A spool is owned by the process holding an exclusive `flock` on its `.lock` file, for as long
+as it runs: the kernel releases it when the process dies, so "can I lock it?" is exactly "is
+its owner gone?". Process ids cannot tell: in a container they restart from 1, and workers
+sharing a spool volume have overlapping ids.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 from pathlib import Path
 
 
+class SpoolBusy(OSError):
+    """Another live process owns this spool."""
+
+
 class Spool:
     def __init__(self, directory: str | os.PathLike[str], max_bytes: int) -> None:
+        """Open and own the spool at `directory`; SpoolBusy if a live process owns it."""
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise SpoolBusy(f"{self.directory} is owned by a running process") from None
         self.max_bytes = max_bytes
         self.dropped_lines = 0
         self._files = sorted(self.directory.glob("*.ndjson"))  # left by an earlier run: resend
@@ -61,6 +79,23 @@ class Spool:
         tmp.write_bytes(data)
         self._bytes += len(data) - oldest.stat().st_size
         tmp.rename(oldest)
+
+    def release(self) -> None:
+        """Let go of the spool (its batches stay for whoever opens it next). In a forked child
+        this drops only the inherited copy: the parent's lock lives on in its own descriptor,
+        as long as nobody calls flock(LOCK_UN), which would unlock it for both."""
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def remove(self) -> None:
+        """Delete an emptied spool (an orphan taken over) and let go of it."""
+        for leftover in self.directory.glob("*.tmp"):  # a crash between write and rename
+            leftover.unlink()
+        with contextlib.suppress(OSError):
+            (self.directory / ".lock").unlink()
+            self.directory.rmdir()
+        self.release()
 
     def pop(self) -> None:
         oldest = self._files.pop(0)

@@ -140,3 +140,48 @@ def test_tcp_json_lines_reconnects_after_a_logstash_restart(tmp_path) -> None:
     assert numbers(receiver.records) == list(range(3000))
     with pytest.raises(ValueError, match="tcp://host:port"):
         TcpSink("tcp://logstash")
+
+
+class FlakySink:
+    """Fails its first `failures` sends with a bug (not a SinkError), logging as it goes, the
+    way the Elasticsearch client logs every request through `logging`."""
+
+    def __init__(self, logger: logging.Logger, failures: int) -> None:
+        self.logger, self.failures = logger, failures
+        self.sends = 0
+        self.lines: list[bytes] = []
+
+    def send(self, lines: list[bytes]) -> None:
+        self.sends += 1
+        self.logger.info("POST /_bulk")  # must not come back to the shipper: it would loop
+        if self.sends <= self.failures:
+            raise RuntimeError("sink bug")
+        self.lines += lines
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_failing_sink_is_reported_once_and_its_own_logging_never_loops(tmp_path) -> None:
+    logger = logging.getLogger("ship.flaky")
+    sink = FlakySink(logger, failures=3)
+    handler = ShippingHandler(sink, str(tmp_path), flush_interval=0.05, backoff_cap=0.05)
+    handler.setFormatter(EcsJsonFormatter(service_name="flaky"))
+    logger.handlers = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    said: list[str] = []
+    status = logging.getLogger("celery_obs.log_shipping")
+    status.addHandler(seen := logging.Handler())
+    seen.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    try:
+        for i in range(100):
+            logger.info("%d", i)
+        wait_for(lambda: len(sink.lines) >= 100, 20, "every line after the sink recovered")
+        handler.close()
+    finally:
+        status.removeHandler(seen)
+    assert numbers([json.loads(line) for line in sink.lines]) == list(range(100))
+    assert [m.split(" (")[0] for m in said] == ["log shipping failing", "log shipping recovered"]
+    assert "RuntimeError: sink bug" in said[1]
+    assert not [line for line in sink.lines if b"POST /_bulk" in line]  # never fed back
