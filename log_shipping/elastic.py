@@ -1,0 +1,195 @@
+"""Ship log lines straight into an Elasticsearch data stream, without Logstash in between.
+
+`ElasticsearchSink` is a `Sink` for `ShippingHandler`: the handler batches, retries with backoff
+and spools to disk; this module turns one batch into one `_bulk` request (through the client's
+bulk helper) and sorts the answer per document into stored, to retry, and refused for good.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.parse
+from collections import Counter
+from typing import Any
+
+from elasticsearch import Elasticsearch
+from elasticsearch.helpers import streaming_bulk
+
+from .sinks import SinkError
+
+URL_PREFIX = "elasticsearch+"
+#: `last_rejection` is shipped inside a log record: keep it readable.
+MAX_REJECTION_TEXT = 300
+_USERINFO = re.compile(r"//[^/@]*@")
+# Index name rules Elasticsearch enforces per document: checked once here, not by refusing every
+# record.
+_BAD_NAME = re.compile(r'[\\/*?"<>|,#:\s]|^[-_+]|[A-Z]')
+
+
+def parse_url(url: str) -> tuple[str, tuple[str, str] | None]:
+    """(the node URL without credentials, basic auth taken from the URL or None)."""
+    parsed = urllib.parse.urlsplit(url.removeprefix(URL_PREFIX))
+    try:
+        port = parsed.port
+    except ValueError:  # not a number, or out of range
+        port = None
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or port is None:
+        shown = _USERINFO.sub("//***@", url)  # the error may be logged: never the password
+        raise ValueError(
+            "Elasticsearch URL must be [elasticsearch+]http(s)://[user:password@]host:port"
+            f"[/path], got {shown!r}"
+        )
+    host = parsed.netloc.rpartition("@")[2]  # keeps IPv6 brackets
+    node = f"{parsed.scheme}://{host}{parsed.path.rstrip('/')}"
+    if parsed.username is None:
+        return node, None
+    user = urllib.parse.unquote(parsed.username)
+    return node, (user, urllib.parse.unquote(parsed.password or ""))
+
+
+#: Per-document statuses worth retrying: throttling, and refusals that hit every record alike.
+RETRY_STATUSES = frozenset({403, 404, 429})
+
+
+class ElasticsearchSink:
+    """Bulk-create each batch of ECS JSON lines in one data stream.
+
+    - The op type is `create` because data streams accept nothing else (they are append-only).
+    - No `_id` is sent, so Elasticsearch makes one. When a request times out after Elasticsearch
+      stored the batch, the handler's retry stores it again: delivery is at least once. Content
+      based ids would dedupe but cost Elasticsearch an id lookup per document on every write.
+    - Lines go out byte for byte (the client's JSON serializer passes bytes through): never parsed.
+    - Nothing here sleeps or retries (transport retries are off, and the helper's): the handler
+      retries with capped backoff and spools meanwhile, which a blocking retry here would defeat.
+
+    A document refused with 429 or 5xx, or any failure of the whole request (unreachable, timeout,
+    401/403 credentials), is handed back for retry; so is a per-document 403 or 404 (no privilege
+    on the data stream, auto-create disabled): those refuse every record alike and are fixed by
+    configuration, and dropping meanwhile would lose everything. Any other refusal of one
+    document (a mapping conflict) would fail again: it is counted in `rejected` and
+    `rejections` (by error type), described in `last_rejection`, and dropped.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        data_stream: str = "logs-celery-default",
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        api_key: str | None = None,
+        ca_certs: str | None = None,
+        verify_certs: bool = True,
+        timeout: float = 10.0,
+        client: Elasticsearch | None = None,
+    ) -> None:
+        self.url, url_auth = parse_url(url)
+        if not data_stream or _BAD_NAME.search(data_stream):
+            raise ValueError(f"not a valid data stream name: {data_stream!r}")
+        self.data_stream = data_stream
+        self.rejected = 0
+        self.last_rejection = ""
+        self.rejections: Counter[str] = Counter()
+        options: dict[str, Any] = {
+            "request_timeout": timeout,
+            "max_retries": 0,
+            "retry_on_status": (),
+            "retry_on_timeout": False,
+        }
+        if api_key:
+            options["api_key"] = api_key
+        elif username:
+            options["basic_auth"] = (username, password or "")
+        elif url_auth:
+            options["basic_auth"] = url_auth
+        # TLS options mean nothing on http (the client refuses them there), and install() hands
+        # the same settings to every output: apply them to https only.
+        if self.url.startswith("https:"):
+            options["verify_certs"] = verify_certs
+            if ca_certs:
+                options["ca_certs"] = ca_certs
+        self._options = options
+        self._owns_client = client is None
+        self._client = client if client is not None else Elasticsearch(self.url, **options)
+        self._pid = os.getpid()
+
+    def _client_here(self) -> Elasticsearch:
+        if self._owns_client and self._pid != os.getpid():
+            # A forked pool child must not write on the parent's pooled sockets: open its own.
+            # The parent's client is left alone: closing it here could disturb the parent.
+            self._client = Elasticsearch(self.url, **self._options)
+            self._pid = os.getpid()
+        return self._client
+
+    def _action(self, line: Any) -> tuple[dict[str, Any], Any]:
+        return {"create": {"_index": self.data_stream}}, line
+
+    def send(self, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        results: list[tuple[bool, dict[str, Any]]] = []
+        reason = ""
+        try:
+            for ok, item in streaming_bulk(
+                self._client_here(),
+                lines,
+                chunk_size=len(lines),  # one request per batch (unless over max_chunk_bytes)
+                expand_action_callback=self._action,
+                raise_on_error=False,
+                raise_on_exception=False,
+                max_retries=0,
+                yield_ok=True,
+            ):
+                results.append((ok, next(iter(item.values()))))
+        # Transport errors escape the helper even with raise_on_exception=False; anything else
+        # (a proxy answering 200 with another body) must not kill the handler's thread either.
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        retry: list[bytes] = []
+        # Fewer results than lines when the request failed midway: see below the loop.
+        for line, (ok, info) in zip(lines, results, strict=False):
+            if ok:
+                continue
+            status = info.get("status", 500)
+            if "exception" in info or status in RETRY_STATUSES or status >= 500:
+                retry.append(line)
+                reason = reason or _retry_reason(info)
+            else:
+                self._reject(info)
+        retry += lines[len(results) :]  # no answer for these: not known to be stored
+        if retry:
+            raise SinkError(
+                f"Elasticsearch: {len(retry)} of {len(lines)} documents to retry ({reason})",
+                remaining=None if len(retry) == len(lines) else retry,
+            )
+
+    def _reject(self, info: dict[str, Any]) -> None:
+        error = info.get("error")
+        if isinstance(error, dict):
+            kind = str(error.get("type", "error"))
+            text = f"{kind}: {error.get('reason', '')}"
+            cause = error.get("caused_by")
+            if isinstance(cause, dict):
+                text += f" (caused by {cause.get('type')}: {cause.get('reason')})"
+        else:
+            kind = f"http_{info.get('status')}"
+            text = f"{kind}: {error}"
+        self.rejected += 1
+        self.rejections[kind] += 1
+        self.last_rejection = text[:MAX_REJECTION_TEXT]
+
+    def close(self) -> None:
+        if self._owns_client and self._pid == os.getpid():
+            self._client.close()
+
+
+def _retry_reason(info: dict[str, Any]) -> str:
+    exc = info.get("exception")
+    if exc is not None:  # the whole request failed (an ApiError from the client)
+        status = getattr(exc, "status_code", info.get("status"))
+        hint = "; check the credentials and privileges" if status in (401, 403) else ""
+        return f"HTTP {status} on the bulk request: {getattr(exc, 'error', exc)}{hint}"
+    error = info.get("error")
+    kind = error.get("type") if isinstance(error, dict) else error
+    return f"{info.get('status')} {kind}"
