@@ -7,15 +7,18 @@ import contextlib
 import json
 import socket
 import socketserver
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class HttpReceiver:
-    """Logstash's http input in miniature: JSON arrays in, 200 out; can be stopped and restarted."""
+    """Logstash's http input in miniature: JSON arrays in, 200 out; can be stopped and restarted.
+    With `tls` (a server context) it speaks HTTPS."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, tls: ssl.SSLContext | None = None) -> None:
         self.port = port
+        self.tls = tls
         self.records: list[dict] = []
         self.auth: list[str | None] = []
         self.server: ThreadingHTTPServer | None = None
@@ -37,6 +40,8 @@ class HttpReceiver:
 
         ThreadingHTTPServer.allow_reuse_address = True
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        if self.tls is not None:
+            self.server.socket = self.tls.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def stop(self) -> None:
@@ -46,10 +51,12 @@ class HttpReceiver:
 
 
 class TcpReceiver:
-    """Logstash's tcp input with the json_lines codec: one JSON record per line."""
+    """Logstash's tcp input with the json_lines codec: one JSON record per line (TLS with
+    `tls`, a server context)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, tls: ssl.SSLContext | None = None) -> None:
         self.port = port
+        self.tls = tls
         self.records: list[dict] = []
         self.server: socketserver.ThreadingTCPServer | None = None
         self.connections: list[socket.socket] = []
@@ -67,6 +74,8 @@ class TcpReceiver:
         socketserver.ThreadingTCPServer.allow_reuse_address = True
         socketserver.ThreadingTCPServer.daemon_threads = True
         self.server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Handler)
+        if self.tls is not None:
+            self.server.socket = self.tls.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def stop(self) -> None:

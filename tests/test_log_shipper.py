@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 from pathlib import Path
 
 import pytest
 
 from log_shipping.formatter import EcsJsonFormatter
+from log_shipping.hooks import LogConfig
+from log_shipping.outputs import make_shipping_handler
 from log_shipping.shipper import ShippingHandler
 from log_shipping.sinks import HttpSink, TcpSink
 from log_shipping.spool import Spool
@@ -185,3 +188,63 @@ def test_a_failing_sink_is_reported_once_and_its_own_logging_never_loops(tmp_pat
     assert [m.split(" (")[0] for m in said] == ["log shipping failing", "log shipping recovered"]
     assert "RuntimeError: sink bug" in said[1]
     assert not [line for line in sink.lines if b"POST /_bulk" in line]  # never fed back
+
+
+def server_tls(certificate) -> ssl.SSLContext:
+    cert, key = certificate
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+@pytest.mark.parametrize("scheme", ["https", "tls"])
+def test_tls_outputs_verify_the_server_and_send_credentials(certificate, scheme, tmp_path) -> None:
+    receiver = (HttpReceiver if scheme == "https" else TcpReceiver)(
+        free_port(), tls=server_tls(certificate)
+    )
+    receiver.start()
+    config = LogConfig(
+        ca_certs=str(certificate[0]),
+        username="shipper",
+        password="s3cret",
+        spool_dir=str(tmp_path),
+        flush_interval=0.05,
+    )
+    spec = f"{scheme}://127.0.0.1:{receiver.port}/"
+    handler = make_shipping_handler(spec, config)
+    handler.setFormatter(EcsJsonFormatter(service_name="tls"))
+    logger = logging.getLogger(f"ship.{scheme}")
+    logger.handlers = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        for i in range(50):
+            logger.info("%d", i)
+        wait_for(lambda: len(receiver.records) == 50, 20, "records over TLS")
+    finally:
+        handler.close()
+        receiver.stop()
+    assert numbers(receiver.records) == list(range(50))
+    if scheme == "https":
+        assert set(receiver.auth) == {"Basic c2hpcHBlcjpzM2NyZXQ="}
+
+
+def test_an_untrusted_certificate_is_refused_and_the_records_kept(certificate, tmp_path) -> None:
+    receiver = HttpReceiver(free_port(), tls=server_tls(certificate))
+    receiver.start()
+    config = LogConfig(spool_dir=str(tmp_path), flush_interval=0.05)  # system CAs only
+    handler = make_shipping_handler(f"https://127.0.0.1:{receiver.port}/", config)
+    handler.setFormatter(EcsJsonFormatter(service_name="tls"))
+    logger = logging.getLogger("ship.untrusted")
+    logger.handlers = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    try:
+        logger.info("0")
+        wait_for(lambda: handler.last_error is not None, 20, "the TLS failure")
+        assert "CERTIFICATE_VERIFY_FAILED" in handler.last_error
+    finally:
+        handler.close()
+        receiver.stop()
+    assert receiver.records == []
+    assert sum(len(f.read_text().splitlines()) for f in tmp_path.rglob("*.ndjson")) == 1
