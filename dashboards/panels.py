@@ -83,12 +83,17 @@ def targets(pairs: Iterable[tuple[str, str]]) -> list[g.Target]:
     return [target(expr, legend, chr(ord("A") + i)) for i, (expr, legend) in enumerate(pairs)]
 
 
+#: The data view `celery-obs setup kibana` installs (stack_setup.assets.DATA_VIEW_ID).
+KIBANA_DATA_VIEW = "celery-logs"
+
+
 def kibana_link(field: str = "name") -> dict:
     """A data link to Kibana Discover, filtered on the task name of the clicked series."""
     query = f'celery.task.name:"${{__field.labels.{field}}}"'
+    # Our data view (kibana/celery.ndjson), not whichever is the user's default.
     url = (
         "${kibana_url}/app/discover#/?_g=(time:(from:'${__from:date}',to:'${__to:date}'))"
-        f"&_a=(query:(language:kuery,query:'{query}'))"
+        f"&_a=(index:'{KIBANA_DATA_VIEW}',query:(language:kuery,query:'{query}'))"
     )
     return {"title": "Logs of this task in Kibana", "url": url, "targetBlank": True}
 

@@ -2,6 +2,8 @@
 
 celery-obs exporter --broker-url redis://host:6379/0     watch a cluster, serve /metrics
 celery-obs demo                                           embedded cluster + exporter
+celery-obs dashboards                                     write the Grafana dashboards
+celery-obs setup elasticsearch|kibana --url URL           templates / saved objects for the logs
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from stack_setup.cli import add_setup_parser
+from stack_setup.cli import run as run_setup
 
 from .config import ExporterConfig, add_exporter_arguments, config_from_args
 from .service import Exporter, package_version
@@ -71,6 +76,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="Kibana base URL for the task log links (also a dashboard variable) "
         "[default http://localhost:5601]",
     )
+    add_setup_parser(commands, environ)
     return parser
 
 
@@ -168,6 +174,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     args = parser.parse_args(argv)
     if args.command == "dashboards":
         return write_dashboards(Path(args.out), args.kibana_url)
+    if args.command == "setup":
+        return run_setup(args, environ)
     if args.command == "exporter" and not args.broker_url:
         parser.error(
             "exporter: --broker-url (or CELERY_OBS_BROKER_URL / CELERY_BROKER_URL) is required"
