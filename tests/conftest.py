@@ -18,7 +18,8 @@ import pytest
 import redis
 from kombu import Connection
 
-from support import ExporterProcess, WorkerProcess
+from log_receivers import HttpReceiver
+from support import ExporterProcess, WorkerProcess, free_port
 
 REDIS_BASE = "redis://127.0.0.1:6379"
 AMQP_BASE = "amqp://guest:guest@127.0.0.1:5672"
@@ -149,3 +150,13 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         capture_output=True,
     )
     return cert, key
+
+
+@pytest.fixture
+def receiver() -> Iterator[HttpReceiver]:
+    """A stand-in for Logstash's http input on a free port (stop()/start() for outages)."""
+    receiver = HttpReceiver(free_port())
+    receiver.start()
+    yield receiver
+    if receiver.server is not None:
+        receiver.stop()

@@ -1,14 +1,17 @@
 """Local stand-ins for Logstash's inputs, for the log shipping tests: each can be stopped and
-restarted on the same port, and keeps every record it was given, in arrival order."""
+restarted on the same port, and keeps every record it was given, in arrival order. Plus the
+one way the tests put a handler under test on a logger of its own."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 import socketserver
 import ssl
 import threading
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -88,3 +91,16 @@ class TcpReceiver:
                 connection.shutdown(socket.SHUT_RDWR)
             connection.close()
         self.connections.clear()
+
+
+def logger_with(handler: logging.Handler) -> logging.Logger:
+    """A fresh INFO logger whose only handler is `handler`, formatting ECS JSON."""
+    from log_shipping.formatter import EcsJsonFormatter
+
+    if handler.formatter is None:
+        handler.setFormatter(EcsJsonFormatter(service_name="ship-test"))
+    logger = logging.getLogger(f"ship.{uuid.uuid4().hex}")
+    logger.handlers = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return logger

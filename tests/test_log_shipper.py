@@ -10,35 +10,21 @@ from pathlib import Path
 
 import pytest
 
-from log_shipping.formatter import EcsJsonFormatter
 from log_shipping.hooks import LogConfig
 from log_shipping.outputs import make_shipping_handler
 from log_shipping.shipper import ShippingHandler
 from log_shipping.sinks import HttpSink, TcpSink
 from log_shipping.spool import Spool
 
-from log_receivers import HttpReceiver, TcpReceiver
+from log_receivers import HttpReceiver, TcpReceiver, logger_with
 from support import free_port, wait_for
-
-
-@pytest.fixture
-def receiver():
-    receiver = HttpReceiver(free_port())
-    receiver.start()
-    yield receiver
-    if receiver.server is not None:
-        receiver.stop()
 
 
 def shipping_logger(url: str, spool: Path, **options) -> tuple[logging.Logger, ShippingHandler]:
     handler = ShippingHandler(
         HttpSink(url, timeout=2), str(spool), flush_interval=0.05, backoff_cap=0.2, **options
     )
-    handler.setFormatter(EcsJsonFormatter(service_name="ship-test"))
-    logger = logging.getLogger(f"ship.{spool.name}")
-    logger.handlers = [handler]
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    logger = logger_with(handler)
     return logger, handler
 
 
@@ -120,11 +106,7 @@ def test_tcp_json_lines_reconnects_after_a_logstash_restart(tmp_path) -> None:
         flush_interval=0.05,
         backoff_cap=0.2,
     )
-    handler.setFormatter(EcsJsonFormatter(service_name="tcp-test"))
-    logger = logging.getLogger("ship.tcp")
-    logger.handlers = [handler]
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    logger = logger_with(handler)
     try:
         for i in range(1000):
             logger.info("%d", i)
@@ -149,8 +131,9 @@ class FlakySink:
     """Fails its first `failures` sends with a bug (not a SinkError), logging as it goes, the
     way the Elasticsearch client logs every request through `logging`."""
 
-    def __init__(self, logger: logging.Logger, failures: int) -> None:
-        self.logger, self.failures = logger, failures
+    def __init__(self, failures: int) -> None:
+        self.logger = logging.getLogger("ship.flaky")  # replaced by the logger under test
+        self.failures = failures
         self.sends = 0
         self.lines: list[bytes] = []
 
@@ -166,13 +149,9 @@ class FlakySink:
 
 
 def test_a_failing_sink_is_reported_once_and_its_own_logging_never_loops(tmp_path) -> None:
-    logger = logging.getLogger("ship.flaky")
-    sink = FlakySink(logger, failures=3)
+    sink = FlakySink(failures=3)
     handler = ShippingHandler(sink, str(tmp_path), flush_interval=0.05, backoff_cap=0.05)
-    handler.setFormatter(EcsJsonFormatter(service_name="flaky"))
-    logger.handlers = [handler]
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    logger = sink.logger = logger_with(handler)
     said: list[str] = []
     status = logging.getLogger("celery_obs.log_shipping")
     status.addHandler(seen := logging.Handler())
@@ -212,11 +191,7 @@ def test_tls_outputs_verify_the_server_and_send_credentials(certificate, scheme,
     )
     spec = f"{scheme}://127.0.0.1:{receiver.port}/"
     handler = make_shipping_handler(spec, config)
-    handler.setFormatter(EcsJsonFormatter(service_name="tls"))
-    logger = logging.getLogger(f"ship.{scheme}")
-    logger.handlers = [handler]
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    logger = logger_with(handler)
     try:
         for i in range(50):
             logger.info("%d", i)
@@ -234,11 +209,7 @@ def test_an_untrusted_certificate_is_refused_and_the_records_kept(certificate, t
     receiver.start()
     config = LogConfig(spool_dir=str(tmp_path), flush_interval=0.05)  # system CAs only
     handler = make_shipping_handler(f"https://127.0.0.1:{receiver.port}/", config)
-    handler.setFormatter(EcsJsonFormatter(service_name="tls"))
-    logger = logging.getLogger("ship.untrusted")
-    logger.handlers = [handler]
-    logger.propagate = False
-    logger.setLevel(logging.INFO)
+    logger = logger_with(handler)
     try:
         logger.info("0")
         wait_for(lambda: handler.last_error is not None, 20, "the TLS failure")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from log_receivers import HttpReceiver
-from support import WorkerProcess, free_port, producer, wait_for
+from support import WorkerProcess, producer, wait_for
 
 pytestmark = pytest.mark.broker
 
@@ -67,15 +67,6 @@ def assert_one_record_per_step(records: list[dict], ids: list[str]) -> None:
         if r.get("log", {}).get("logger") == "celery_obs.lifecycle":
             steps[r["celery"]["task"]["id"]].append(r["event"]["action"])
     assert {i: steps[i] for i in ids} == {i: ["task-started", "task-succeeded"] for i in ids}
-
-
-@pytest.fixture
-def receiver():
-    receiver = HttpReceiver(free_port())
-    receiver.start()
-    yield receiver
-    if receiver.server is not None:
-        receiver.stop()
 
 
 @pytest.mark.slow
