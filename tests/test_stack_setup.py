@@ -870,7 +870,7 @@ def test_saved_searches_point_at_the_data_view() -> None:
         searches[i]["attributes"]["kibanaSavedObjectMeta"]["searchSourceJSON"]
     )["query"]["query"]
     assert query("celery-retries") == 'event.action : "task-retried"'
-    assert query("celery-slow-tasks") == "celery.task.runtime > 10"
+    assert query("celery-slow-tasks") == "celery.task.runtime > 5"
     assert searches["celery-slow-tasks"]["attributes"]["sort"] == [["celery.task.runtime", "desc"]]
     assert "log.level" in query("celery-failures") and "failure" in query("celery-failures")
     assert searches["celery-task-story"]["attributes"]["sort"] == [["@timestamp", "asc"]]
