@@ -16,7 +16,7 @@ from typing import Any
 from elasticsearch import Elasticsearch
 from elasticsearch.helpers import streaming_bulk
 
-from .sinks import SinkError
+from .sinks import PERMANENT_STATUSES, SinkError
 
 URL_PREFIX = "elasticsearch+"
 #: `last_rejection` is shipped inside a log record: keep it readable.
@@ -152,7 +152,9 @@ class ElasticsearchSink:
             if ok:
                 continue
             status = info.get("status", 500)
-            if "exception" in info or status in RETRY_STATUSES or status >= 500:
+            if "exception" in info and status in PERMANENT_STATUSES:
+                self._reject(info)  # the whole request refused as malformed or too large
+            elif "exception" in info or status in RETRY_STATUSES or status >= 500:
                 retry.append(line)
                 reason = reason or _retry_reason(info)
             else:

@@ -39,7 +39,8 @@ class LogConfig:
     #: Comma-separated: stdout, stderr, file:PATH, http(s)://, tcp://, tls://,
     #: elasticsearch+http(s):// (see outputs.py).
     output: str = "stdout"
-    level: str = "INFO"
+    #: None: the worker's own level (`celery worker -l`); lifecycle records are INFO.
+    level: str | None = None
     include_args: bool = False
     redact: tuple[str, ...] = DEFAULT_PATTERNS
     max_value_length: int = 256
@@ -51,7 +52,8 @@ class LogConfig:
     api_key: str | None = None
     ca_certs: str | None = None
     verify_certs: bool = True
-    spool_dir: str = os.path.join(tempfile.gettempdir(), "celery-obs-log-spool")
+    # Per user: a directory another user made first in the shared /tmp must not catch ours.
+    spool_dir: str = os.path.join(tempfile.gettempdir(), f"celery-obs-log-spool-{os.getuid()}")
     spool_max_mb: int = 256
     flush_interval: float = 0.5
     data_stream: str = "logs-celery-default"
@@ -59,7 +61,21 @@ class LogConfig:
 
 
 def _bool(text: str) -> bool:
-    return text.strip().lower() in ("1", "true", "yes", "on")
+    word = text.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    # A typo must not quietly mean "off": verify_certs=ture would turn TLS checks off.
+    raise ValueError(f"expected true/false, yes/no, on/off or 1/0, got {text!r}")
+
+
+def _level(value: str | int) -> str:
+    """INFO, info, 20 or logging.INFO: a level name, or ValueError."""
+    name = logging.getLevelName(value) if isinstance(value, int) else str(value).strip().upper()
+    if not isinstance(logging.getLevelName(name), int):
+        raise ValueError(f"not a log level: {value!r}")
+    return name
 
 
 def _patterns(text: str) -> tuple[str, ...]:
@@ -70,7 +86,7 @@ def _patterns(text: str) -> tuple[str, ...]:
 SETTINGS: dict[str, Callable[[str], Any]] = {
     "service_name": str,
     "output": str,
-    "level": str.upper,
+    "level": _level,
     "include_args": _bool,
     "redact": _patterns,
     "max_value_length": int,
@@ -112,10 +128,13 @@ def config_from_app(app: Celery | None, base: LogConfig) -> LogConfig:
         value = app.conf.get(CONF_PREFIX + name)
         if value is None:
             continue
-        if isinstance(value, str) and convert is not str:
-            value = convert(value)
-        elif name == "redact" and not isinstance(value, str):
-            value = tuple(value)
+        try:
+            if name == "redact" and not isinstance(value, str):
+                value = tuple(value)
+            elif name == "level" or (isinstance(value, str) and convert is not str):
+                value = convert(value)
+        except ValueError as exc:
+            raise ValueError(f"app.conf {CONF_PREFIX + name}: {exc}") from None
         values[name] = value
     return _with(base, values)
 
@@ -158,7 +177,8 @@ class JsonLogging:
         for shipper in self.shippers:
             if shipper not in logger.handlers:
                 logger.addHandler(shipper)
-        logger.setLevel(self.config.level)
+        if self.config.level is not None:
+            logger.setLevel(self.config.level)
 
     def apply_root(self, logger: logging.Logger, **kwargs: Any) -> None:
         self.apply(logger, **kwargs)
@@ -192,7 +212,7 @@ def install(
     service_name: str | None = None,
     *,
     output: str | None = None,
-    level: str | None = None,
+    level: str | int | None = None,
     include_args: bool | None = None,
     redact: Iterable[str] | None = None,
     max_value_length: int | None = None,
@@ -216,7 +236,7 @@ def install(
     given = {
         "service_name": service_name or (app.main if app is not None and app.main else None),
         "output": output,
-        "level": level.upper() if level else None,
+        "level": _level(level) if level is not None else None,
         "include_args": include_args,
         "redact": tuple(redact) if redact is not None else None,
         "max_value_length": max_value_length,
@@ -234,7 +254,7 @@ def install(
     # Python warnings (Celery's own included) become log records, hence JSON, too.
     logging.captureWarnings(True)
     redactor = Redactor(config.redact, config.max_value_length) if config.include_args else None
-    lifecycle = Lifecycle(redactor, level=logging.getLevelName(config.level))
+    lifecycle = Lifecycle(redactor, level=logging.getLevelName(config.level or "INFO"))
     lifecycle.connect()
     _installed.append((json_logging, lifecycle))
     return config

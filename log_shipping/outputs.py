@@ -25,7 +25,7 @@ import urllib.parse
 from typing import TYPE_CHECKING
 
 from .shipper import ShippingHandler
-from .sinks import HttpSink, Sink, TcpSink
+from .sinks import HttpSink, Sink, TcpSink, safe_url
 
 if TYPE_CHECKING:
     from .hooks import LogConfig
@@ -43,7 +43,7 @@ def split_outputs(output: str) -> list[str]:
         if not (is_local(spec) or is_network(spec)):
             raise ValueError(
                 f"log output must be stdout, stderr, file:PATH, http(s)://, tcp://, tls:// or "
-                f"elasticsearch+http(s):// URLs, got {spec!r}"
+                f"elasticsearch+http(s):// URLs, got {safe_url(spec)!r}"
             )
     return outputs
 
@@ -92,6 +92,7 @@ def make_sink(spec: str, config: LogConfig) -> Sink:
             api_key=config.api_key,
             ca_certs=config.ca_certs,
             verify_certs=config.verify_certs,
+            timeout=5.0,  # within the shutdown flush's budget (ShippingHandler.close)
         )
     if scheme in ("tcp", "tls"):
         return TcpSink(spec, ssl_context=tls)
@@ -104,16 +105,19 @@ def make_sink(spec: str, config: LogConfig) -> Sink:
     )
 
 
-def spool_name(spec: str) -> str:
-    """A directory name per destination, without credentials: `http-logstash-8080`."""
+def spool_name(spec: str, data_stream: str = "") -> str:
+    """A directory name per destination, without credentials: `http-logstash-8080`; for
+    Elasticsearch the data stream too, so a spool never drains into another app's stream."""
     parsed = urllib.parse.urlsplit(spec)
     where = f"{parsed.scheme}-{parsed.hostname}-{parsed.port or ''}{parsed.path}"
+    if parsed.scheme.startswith(ES_PREFIX):
+        where += f"-{data_stream}"
     return re.sub(r"[^A-Za-z0-9.]+", "-", where).strip("-")
 
 
 def make_shipping_handler(spec: str, config: LogConfig) -> ShippingHandler:
-    spool_dir = os.path.join(config.spool_dir, spool_name(spec))
-    os.makedirs(spool_dir, exist_ok=True)
+    spool_dir = os.path.join(config.spool_dir, spool_name(spec, config.data_stream))
+    os.makedirs(spool_dir, mode=0o700, exist_ok=True)
     return ShippingHandler(
         make_sink(spec, config),
         spool_dir,

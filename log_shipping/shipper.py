@@ -12,14 +12,16 @@ Past the queue or spool bounds the oldest lines are dropped, counted, and report
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import threading
+import time
 from collections import deque
 
 from .sinks import Sink, SinkError
-from .spool import Spool, SpoolBusy
+from .spool import MemorySpool, Spool, SpoolBusy
 
 __all__ = ["ShippingHandler", "Sink", "SinkError"]
 
@@ -38,6 +40,7 @@ class ShippingHandler(logging.Handler):
         batch_size: int = 500,
         flush_interval: float = 0.5,
         spool_max_bytes: int = 256 * 1024 * 1024,
+        backoff_start: float = 0.5,
         backoff_cap: float = 30.0,
         close_timeout: float = 5.0,
     ) -> None:
@@ -48,6 +51,7 @@ class ShippingHandler(logging.Handler):
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.spool_max_bytes = spool_max_bytes
+        self.backoff_start = backoff_start
         self.backoff_cap = backoff_cap
         self.close_timeout = close_timeout
         self.dropped = 0  # lines dropped from the full in-memory queue
@@ -58,7 +62,8 @@ class ShippingHandler(logging.Handler):
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._spool: Spool | None = None
+        self._spool: Spool | MemorySpool | None = None
+        self._close_deadline = float("inf")
 
     # -- the task's side: format and enqueue, nothing else ----------------------------------
 
@@ -69,45 +74,55 @@ class ShippingHandler(logging.Handler):
             return
         try:
             line = self.format(record).encode()
-        except Exception:
+            if self._pid != os.getpid():
+                self._start()  # first record in this process (a forked pool child, say)
+            queue = self._queue
+            if len(queue) >= self.max_queue:
+                queue.popleft()
+                self.dropped += 1
+            queue.append(line)
+            if len(queue) >= self.batch_size:
+                self._wake.set()
+        except Exception:  # never into the task: logging reports it on stderr
             self.handleError(record)
-            return
-        if self._pid != os.getpid():
-            self._start()  # first record in this process (a forked pool child, say)
-        queue = self._queue
-        if len(queue) >= self.max_queue:
-            queue.popleft()
-            self.dropped += 1
-        queue.append(line)
-        if len(queue) >= self.batch_size:
-            self._wake.set()
 
     def _start(self) -> None:
+        """Start this process' shipping thread. Cheap: the spool is opened (and orphans
+        adopted, which may move megabytes) on the thread, never on the task's."""
         with self.lock:  # type: ignore[union-attr]
             if self._pid == os.getpid():
                 return
+            forked = self._pid != -1
             self._pid = os.getpid()
             self._queue = deque()  # a forked child must not resend its parent's lines
             # Fresh events: a lock inside one may have been held by the parent's thread at fork.
             self._wake = threading.Event()
             self._stopping = threading.Event()
-            if self._spool is not None:  # a forked child: the parent's are not ours
-                self._spool.release()
+            self._close_deadline = float("inf")
+            if forked:  # the parent's spool, connection and counts are not ours
+                self.dropped = self.sent = 0
+                self.last_error = None
+                if self._spool is not None:
+                    self._spool.release()
+                    self._spool = None
                 self.sink.close()
-            self._spool = self._own_spool()
-            self._adopt_orphans(self._spool)
             self._thread = threading.Thread(target=self._run, name="log-shipper", daemon=True)
             self._thread.start()
 
-    def _own_spool(self) -> Spool:
-        os.makedirs(self.spool_root, exist_ok=True)
+    def _open_spool(self) -> Spool:
+        """This process' own spool, with the batches of dead processes' spools moved in."""
+        os.makedirs(self.spool_root, mode=0o700, exist_ok=True)
         name = f"pid-{self._pid}"
         for attempt in range(100):
             try:
-                return Spool(os.path.join(self.spool_root, name), self.spool_max_bytes)
+                spool = Spool(os.path.join(self.spool_root, name), self.spool_max_bytes)
+                break
             except SpoolBusy:  # the same pid in another container sharing the spool volume
                 name = f"pid-{self._pid}-{attempt + 1}"
-        raise SpoolBusy(f"no free spool directory under {self.spool_root}")
+        else:
+            raise SpoolBusy(f"no free spool directory under {self.spool_root}")
+        self._adopt_orphans(spool)
+        return spool
 
     def _adopt_orphans(self, spool: Spool) -> None:
         """Take over spools whose owner is gone (a restarted worker's processes): being able to
@@ -135,50 +150,86 @@ class ShippingHandler(logging.Handler):
         return batch
 
     def _run(self) -> None:
-        spool = self._spool
-        assert spool is not None
-        delay, reported_drops, reported_rejections = 0.5, 0, 0
+        # A forked child inherits the sink's count of refusals, which its parent reported.
+        reported_drops, reported_rejections = 0, getattr(self.sink, "rejected", 0)
+        delay = self.backoff_start
+        spool: Spool | MemorySpool | None = None
         while True:
             stopping = self._stopping.is_set()
             if not stopping:
                 self._wake.wait(self.flush_interval)
                 self._wake.clear()
-            drops = self.dropped + spool.dropped_lines
-            if drops != reported_drops:
-                self._queue.append(
-                    self._report(
-                        "log-records-dropped",
-                        drops - reported_drops,
-                        "log shipping dropped %d records (queue or spool full)",
+            try:
+                if spool is None:
+                    try:
+                        spool = self._open_spool()
+                    except OSError as exc:  # keep shipping; hold back-ups in memory instead
+                        status.warning(
+                            "log spool %s unusable (%s); spooling in memory", self.spool_root, exc
+                        )
+                        spool = MemorySpool(self.spool_max_bytes)
+                    self._spool = spool
+                drops = self.dropped + spool.dropped_lines
+                if drops != reported_drops:
+                    self._queue.append(
+                        self._report(
+                            "log-records-dropped",
+                            drops - reported_drops,
+                            "log shipping dropped %d records (queue or spool full)",
+                        )
                     )
-                )
-                reported_drops = drops
-            rejected = getattr(self.sink, "rejected", 0)
-            if rejected != reported_rejections:
-                self._queue.append(
-                    self._report(
-                        "log-records-rejected",
-                        rejected - reported_rejections,
-                        "the log sink refused %d records for good; latest: %s",
-                        getattr(self.sink, "last_rejection", ""),
+                    reported_drops = drops
+                rejected = getattr(self.sink, "rejected", 0)
+                if rejected != reported_rejections:
+                    self._queue.append(
+                        self._report(
+                            "log-records-rejected",
+                            rejected - reported_rejections,
+                            "the log sink refused %d records for good; latest: %s",
+                            getattr(self.sink, "last_rejection", ""),
+                        )
                     )
-                )
-                reported_rejections = rejected
-            if self._drain(spool):
-                delay = 0.5
-            else:
-                if stopping:
-                    self._spill(spool)
+                    reported_rejections = rejected
+                delivered = self._drain(spool)
+            except Exception as exc:  # the spool's disk (full, unwritable): keep going
+                self._failing(exc)
+                delivered = False
+            if delivered:
+                delay = self.backoff_start
+                if stopping and not self._queue:
                     return
-                self._stopping.wait(delay)
-                delay = min(delay * 2, self.backoff_cap)
                 continue
-            if stopping and not self._queue:
+            if stopping:
+                with contextlib.suppress(Exception):
+                    if spool is not None:
+                        self._spill(spool)
                 return
+            self._back_off(spool, delay)
+            delay = min(delay * 2, self.backoff_cap)
 
-    def _drain(self, spool: Spool) -> bool:
-        """Send spooled batches, then queued ones; False (spooling the batch) on failure."""
+    def _back_off(self, spool: Spool | MemorySpool | None, delay: float) -> None:
+        """Wait before retrying the sink, moving the queue to the spool as it fills, so a long
+        outage drops nothing until the spool itself is full."""
+        deadline = time.monotonic() + delay
+        while not self._stopping.is_set() and (left := deadline - time.monotonic()) > 0:
+            self._wake.wait(left)
+            self._wake.clear()
+            if spool is not None:
+                try:
+                    self._spill(spool)
+                except OSError as exc:
+                    self._failing(exc)
+
+    def _past_close_deadline(self) -> bool:
+        return self._stopping.is_set() and time.monotonic() > self._close_deadline
+
+    def _drain(self, spool: Spool | MemorySpool) -> bool:
+        """Send spooled batches, then queued ones; False (spooling the batch) on failure.
+        Closing and out of time: the rest goes to the spool, for the next start."""
         while (spooled := spool.peek()) is not None:
+            if self._past_close_deadline():
+                self._spill(spool)
+                return True
             unsent = self._send(spooled)
             if unsent is not None:
                 if len(unsent) < len(spooled):
@@ -187,11 +238,15 @@ class ShippingHandler(logging.Handler):
                 return False
             spool.pop()
         while batch := self._take():
+            if self._past_close_deadline():
+                self._push(spool, batch)
+                self._spill(spool)
+                return True
             unsent = self._send(batch)
             if unsent is not None:
                 # In order: the unsent lines, then everything after them, go to the spool.
                 if unsent:
-                    spool.push(unsent)
+                    self._push(spool, unsent)
                 self._spill(spool)
                 return False
         return True
@@ -204,13 +259,7 @@ class ShippingHandler(logging.Handler):
             remaining = getattr(exc, "remaining", None)
             unsent = lines if remaining is None else remaining
             self.sent += len(lines) - len(unsent)
-            if self.last_error is None:
-                status.warning(
-                    "log shipping failing (%s); keeping records in %s and retrying",
-                    exc,
-                    self.spool_root,
-                )
-            self.last_error = f"{type(exc).__name__}: {exc}"
+            self._failing(exc)
             return unsent
         self.sent += len(lines)
         if self.last_error is not None:
@@ -218,9 +267,26 @@ class ShippingHandler(logging.Handler):
             self.last_error = None
         return None
 
-    def _spill(self, spool: Spool) -> None:
+    def _failing(self, exc: BaseException) -> None:
+        """Say it once per outage (on the worker's other handlers), keep the latest reason."""
+        if self.last_error is None:
+            status.warning(
+                "log shipping failing (%s); keeping records in %s and retrying",
+                exc,
+                self.spool_root,
+            )
+        self.last_error = f"{type(exc).__name__}: {exc}"
+
+    def _spill(self, spool: Spool | MemorySpool) -> None:
         while batch := self._take():
-            spool.push(batch)
+            self._push(spool, batch)
+
+    def _push(self, spool: Spool | MemorySpool, lines: list[bytes]) -> None:
+        try:
+            spool.push(lines)
+        except OSError:
+            self.dropped += len(lines)  # the disk refused them: counted, reported, then retried
+            raise
 
     def _report(self, action: str, count: int, message: str, *args: object) -> bytes:
         """A record about the shipping itself (lost or refused lines), sent with the rest."""
@@ -240,13 +306,16 @@ class ShippingHandler(logging.Handler):
         self._wake.set()
 
     def close(self) -> None:
-        """Flush within `close_timeout`; the rest stays in the spool for the next start."""
+        """Flush within about `close_timeout`; the rest stays in the spool for the next start.
+        A batch already on the wire gets the sink's own timeout on top."""
         if self._thread is not None and self._pid == os.getpid():
+            self._close_deadline = time.monotonic() + self.close_timeout
             self._stopping.set()
             self._wake.set()
-            self._thread.join(self.close_timeout)
+            self._thread.join(self.close_timeout + getattr(self.sink, "timeout", 5.0) + 1.0)
             if not self._thread.is_alive() and self._spool is not None:
-                self._spill(self._spool)  # lines logged after the flush: kept for next start
+                with contextlib.suppress(OSError):
+                    self._spill(self._spool)  # lines logged after the flush: for next start
                 self._spool.release()  # the next process (or handler) takes over what is left
         self.sink.close()
         super().close()

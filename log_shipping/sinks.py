@@ -28,6 +28,21 @@ class SinkError(OSError):
         self.remaining = remaining
 
 
+def safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.password is None:
+        return url
+    netloc = parsed.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parsed._replace(netloc=f"{parsed.username}:***@{netloc}"))
+
+
+#: Whole-batch answers that would be the same on every retry (a body Logstash cannot parse, a
+#: batch over its size limit): the batch is refused for good, so one bad batch cannot stop
+#: everything behind it. Auth (401/403), a wrong path (404), timeouts and throttling retry.
+PERMANENT_STATUSES = frozenset({400, 413, 415, 422})
+
+
 class Sink(Protocol):
     def send(self, lines: list[bytes]) -> None:
         """Deliver every line or raise SinkError. Lines the sink refuses for good (a document
@@ -51,7 +66,9 @@ class HttpSink:
     ) -> None:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ValueError(f"log shipping URL must be http(s)://host[:port][/path], got {url!r}")
+            raise ValueError(
+                f"log shipping URL must be http(s)://host[:port][/path], got {safe_url(url)!r}"
+            )
         self.https = parsed.scheme == "https"
         self.host, self.port = parsed.hostname, parsed.port
         self.path = parsed.path or "/"
@@ -66,6 +83,9 @@ class HttpSink:
             token = base64.b64encode(f"{user}:{secret}".encode()).decode()
             self.headers["Authorization"] = f"Basic {token}"
         self._connection: http.client.HTTPConnection | None = None
+        self._reused = False  # the connection has carried a request before
+        self.rejected = 0
+        self.last_rejection = ""
 
     def _connect(self) -> http.client.HTTPConnection:
         if self._connection is None:
@@ -82,20 +102,41 @@ class HttpSink:
     def send(self, lines: list[bytes]) -> None:
         body = b"[" + b",".join(lines) + b"]"
         try:
-            connection = self._connect()
-            connection.request("POST", self.path, body=body, headers=self.headers)
-            response = connection.getresponse()
-            response.read()
+            response = self._post(body)
         except (OSError, http.client.HTTPException) as exc:
+            if not self._reused or not isinstance(exc, _STALE):
+                self.close()
+                raise SinkError(f"{type(exc).__name__}: {exc}") from None
+            # A kept-alive connection the server closed while idle: a new one, once, at once.
             self.close()
-            raise SinkError(f"{type(exc).__name__}: {exc}") from None
+            try:
+                response = self._post(body)
+            except (OSError, http.client.HTTPException) as again:
+                self.close()
+                raise SinkError(f"{type(again).__name__}: {again}") from None
+        if response.status in PERMANENT_STATUSES:
+            self.rejected += len(lines)
+            self.last_rejection = f"HTTP {response.status} {response.reason}"
+            return
         if not 200 <= response.status < 300:
             raise SinkError(f"HTTP {response.status} {response.reason}")
+
+    def _post(self, body: bytes) -> http.client.HTTPResponse:
+        connection = self._connect()
+        self._reused = getattr(connection, "sock", None) is not None
+        connection.request("POST", self.path, body=body, headers=self.headers)
+        response = connection.getresponse()
+        response.read()
+        return response
 
     def close(self) -> None:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+
+
+#: How a kept-alive connection that the server closed shows up on the next request.
+_STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
 
 
 class TcpSink:
@@ -114,7 +155,8 @@ class TcpSink:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("tcp", "tls") or not parsed.hostname or not parsed.port:
             raise ValueError(
-                f"TCP log shipping URL must be tcp://host:port or tls://host:port, got {url!r}"
+                "TCP log shipping URL must be tcp://host:port or tls://host:port, "
+                f"got {safe_url(url)!r}"
             )
         self.host, self.port = parsed.hostname, parsed.port
         self.timeout = timeout
@@ -133,11 +175,23 @@ class TcpSink:
             self._socket = sock
         return self._socket
 
-    @staticmethod
-    def _peer_closed(sock: socket.socket) -> bool:
-        """Logstash never writes to us: a readable socket means EOF or a reset."""
+    def _peer_closed(self, sock: socket.socket) -> bool:
+        """Logstash never writes to us: readable means EOF or a reset. Over TLS, readable can
+        also be a session ticket, which only a read tells apart (it yields no data)."""
         readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable)
+        if not readable:
+            return False
+        if not isinstance(sock, ssl.SSLSocket):
+            return True
+        sock.setblocking(False)
+        try:
+            return sock.recv(1) == b""
+        except ssl.SSLWantReadError:
+            return False
+        except OSError:
+            return True
+        finally:
+            sock.settimeout(self.timeout)
 
     def send(self, lines: list[bytes]) -> None:
         try:

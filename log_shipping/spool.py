@@ -19,6 +19,12 @@ import os
 from pathlib import Path
 
 
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+
+
 class SpoolBusy(OSError):
     """Another live process owns this spool."""
 
@@ -27,18 +33,32 @@ class Spool:
     def __init__(self, directory: str | os.PathLike[str], max_bytes: int) -> None:
         """Open and own the spool at `directory`; SpoolBusy if a live process owns it."""
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise SpoolBusy(f"{self.directory} is owned by a running process") from None
+        self._lock_fd = self._lock()
         self.max_bytes = max_bytes
         self.dropped_lines = 0
         self._files = sorted(self.directory.glob("*.ndjson"))  # left by an earlier run: resend
         self._sequence = int(self._files[-1].stem) + 1 if self._files else 0
         self._bytes = sum(f.stat().st_size for f in self._files)
+
+    def _lock(self) -> int:
+        # Private: the records are the workers' logs. Another process adopting a spool can
+        # delete it between our open and our flock; then we locked a deleted file: start over.
+        lock = self.directory / ".lock"
+        for _ in range(10):
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise SpoolBusy(f"{self.directory} is owned by a running process") from None
+            try:
+                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        raise SpoolBusy(f"{self.directory} keeps being removed under us")
 
     def __len__(self) -> int:
         return len(self._files)
@@ -52,7 +72,7 @@ class Spool:
         path = self.directory / f"{self._sequence:012d}.ndjson"
         self._sequence += 1
         tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
+        _write_private(tmp, data)
         tmp.rename(path)
         self._files.append(path)
         self._bytes += len(data)
@@ -76,7 +96,7 @@ class Spool:
         oldest = self._files[0]
         data = b"\n".join(lines) + b"\n"
         tmp = oldest.with_suffix(".tmp")
-        tmp.write_bytes(data)
+        _write_private(tmp, data)
         self._bytes += len(data) - oldest.stat().st_size
         tmp.rename(oldest)
 
@@ -101,3 +121,45 @@ class Spool:
         oldest = self._files.pop(0)
         self._bytes -= oldest.stat().st_size
         oldest.unlink()
+
+
+class MemorySpool:
+    """Stands in for the disk spool when the disk refuses (full, unwritable, not a directory):
+    same interface, bounded the same way, gone with the process."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.directory = Path("<memory>")
+        self.max_bytes = max_bytes
+        self.dropped_lines = 0
+        self._batches: list[list[bytes]] = []
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    @property
+    def size(self) -> int:
+        return self._bytes
+
+    def push(self, lines: list[bytes]) -> None:
+        self._batches.append(list(lines))
+        self._bytes += sum(len(line) + 1 for line in lines)
+        while self._bytes > self.max_bytes and len(self._batches) > 1:
+            oldest = self._batches.pop(0)
+            self.dropped_lines += len(oldest)
+            self._bytes -= sum(len(line) + 1 for line in oldest)
+
+    def peek(self) -> list[bytes] | None:
+        return list(self._batches[0]) if self._batches else None
+
+    def replace_oldest(self, lines: list[bytes]) -> None:
+        self.pop()
+        if lines:
+            self._batches.insert(0, list(lines))
+            self._bytes += sum(len(line) + 1 for line in lines)
+
+    def pop(self) -> None:
+        self._bytes -= sum(len(line) + 1 for line in self._batches.pop(0))
+
+    def release(self) -> None:
+        pass

@@ -19,9 +19,15 @@ class HttpReceiver:
     """Logstash's http input in miniature: JSON arrays in, 200 out; can be stopped and restarted.
     With `tls` (a server context) it speaks HTTPS."""
 
-    def __init__(self, port: int, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, port: int, tls: ssl.SSLContext | None = None, keep_alive: bool = False
+    ) -> None:
         self.port = port
         self.tls = tls
+        self.keep_alive = keep_alive  # HTTP/1.1 connections kept open, as Logstash does
+        self.connections: list[socket.socket] = []
+        self.status = 200  # what every POST gets; records are kept only on 200
+        self.requests = 0
         self.records: list[dict] = []
         self.auth: list[str | None] = []
         self.server: ThreadingHTTPServer | None = None
@@ -30,11 +36,19 @@ class HttpReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if receiver.keep_alive else "HTTP/1.0"
+
+            def setup(self) -> None:
+                super().setup()
+                receiver.connections.append(self.connection)
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.records.extend(json.loads(body))
+                receiver.requests += 1
+                if receiver.status == 200:
+                    receiver.records.extend(json.loads(body))
                 receiver.auth.append(self.headers.get("Authorization"))
-                self.send_response(200)
+                self.send_response(receiver.status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -46,6 +60,13 @@ class HttpReceiver:
         if self.tls is not None:
             self.server.socket = self.tls.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def drop_idle_connections(self) -> None:
+        """Close kept-alive connections, as a server does after its idle timeout."""
+        for connection in self.connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+        self.connections.clear()
 
     def stop(self) -> None:
         assert self.server is not None

@@ -193,9 +193,14 @@ def test_tls_outputs_verify_the_server_and_send_credentials(certificate, scheme,
     handler = make_shipping_handler(spec, config)
     logger = logger_with(handler)
     try:
-        for i in range(50):
-            logger.info("%d", i)
-        wait_for(lambda: len(receiver.records) == 50, 20, "records over TLS")
+        for batch in range(5):  # five batches, one connection
+            for i in range(batch * 10, batch * 10 + 10):
+                logger.info("%d", i)
+            total = batch * 10 + 10
+            wait_for(lambda total=total: len(receiver.records) == total, 20, "records over TLS")
+        if scheme == "tls":
+            # A TLS 1.3 session ticket makes the socket readable: not a closed peer.
+            assert len(receiver.connections) == 1
     finally:
         handler.close()
         receiver.stop()
@@ -219,3 +224,18 @@ def test_an_untrusted_certificate_is_refused_and_the_records_kept(certificate, t
         receiver.stop()
     assert receiver.records == []
     assert sum(len(f.read_text().splitlines()) for f in tmp_path.rglob("*.ndjson")) == 1
+
+
+def test_a_kept_alive_connection_closed_while_idle_is_replaced_at_once() -> None:
+    receiver = HttpReceiver(free_port(), keep_alive=True)
+    receiver.start()
+    sink = HttpSink(f"http://127.0.0.1:{receiver.port}/", timeout=2)
+    try:
+        sink.send([b'{"message": "0"}'])
+        receiver.drop_idle_connections()  # Logstash's idle timeout, between two batches
+        sink.send([b'{"message": "1"}'])  # no SinkError: a stale connection is not an outage
+    finally:
+        sink.close()
+        receiver.stop()
+    assert numbers(receiver.records) == [0, 1]
+    assert receiver.requests == 2
