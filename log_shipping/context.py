@@ -1,19 +1,38 @@
 """Which task is running: every log line written meanwhile carries its id and name.
 
 A context variable (per thread, so the threads pool works too) is set on task_prerun and
-cleared on task_postrun; a logging filter copies it onto each record, whoever logged it:
-`get_task_logger`, plain `logging`, or `print` redirected by Celery.
+restored on task_postrun; a logging filter copies it onto each record, whoever logged it:
+`get_task_logger`, plain `logging`, or `print` redirected by Celery. Restored, not cleared: a
+task run eagerly inside another (`.apply()`) hands the outer task's context back when it ends.
 """
 
 from __future__ import annotations
 
 import logging
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import Any
 
 from .formatter import TASK_ATTR
 
 current_task: ContextVar[dict[str, Any] | None] = ContextVar("celery_obs_task", default=None)
+
+
+def enter(task: dict[str, Any]) -> Token[dict[str, Any] | None]:
+    """`task` is running: returns the token that `leave` takes to restore what was before."""
+    return current_task.set(task)
+
+
+def leave(token: Token[dict[str, Any] | None] | None) -> None:
+    """The task `token` came from has ended: back to the task that was running before it (an
+    outer one, or none). Without a token, or with one from another thread or used already,
+    no task is running any more."""
+    if token is not None:
+        try:
+            current_task.reset(token)
+            return
+        except (ValueError, RuntimeError):  # another context's token, or one used already
+            pass
+    current_task.set(None)
 
 
 class TaskContextFilter(logging.Filter):

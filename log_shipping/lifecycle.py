@@ -4,6 +4,8 @@ task_prerun / task_success / task_failure / task_retry fire in the process that 
 (a prefork pool child); task_revoked, task_rejected, task_unknown and the failure a hard time
 limit reports fire in the worker's main process. A hard time limit can send task_failure twice
 for one task, so failures are reported once per task id (a small memory of recent ones).
+The task context (context.py) is restored on task_postrun to what it was before task_prerun,
+so a task applied eagerly inside another leaves the outer one's context in place.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ from typing import Any
 
 from celery import signals
 
-from .context import current_task
+from .context import enter, leave
 from .formatter import ECS_ATTR
 from .redact import Redactor
 
 logger = logging.getLogger("celery_obs.lifecycle")
 
-_RECENT = 10_000  # task ids remembered for start times and failure de-duplication
+_RECENT = 10_000  # task ids remembered: start times, failure de-duplication, context tokens
 
 
 class _Recent(OrderedDict):
@@ -39,6 +41,7 @@ class Lifecycle:
         self.level = level
         self._started: _Recent = _Recent()
         self._failed: _Recent = _Recent()
+        self._tokens: _Recent = _Recent()  # task id -> the token restoring the outer context
 
     def connect(self) -> None:
         for signal, handler in (
@@ -112,14 +115,15 @@ class Lifecycle:
         self, sender: Any = None, task_id: str | None = None, task: Any = None, **_: Any
     ) -> None:
         name = getattr(task, "name", None)
-        current_task.set({"id": task_id, "name": name})
+        token = enter({"id": task_id, "name": name})
         if task_id:
+            self._tokens.remember(task_id, token)
             self._started.remember(task_id, time.monotonic_ns())
         fields = self._task_fields(task_id, name, getattr(task, "request", None), "STARTED")
         self._emit(self.level, f"Task {name}[{task_id}] started", "task-started", "unknown", fields)
 
-    def on_postrun(self, **_: Any) -> None:
-        current_task.set(None)
+    def on_postrun(self, sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+        leave(self._tokens.pop(task_id, None) if task_id else None)
 
     def on_success(
         self, sender: Any = None, result: Any = None, runtime: float | None = None, **_: Any

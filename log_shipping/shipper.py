@@ -64,6 +64,7 @@ class ShippingHandler(logging.Handler):
         self._thread: threading.Thread | None = None
         self._spool: Spool | MemorySpool | None = None
         self._close_deadline = float("inf")
+        self._inherited_rejections = 0
 
     # -- the task's side: format and enqueue, nothing else ----------------------------------
 
@@ -99,6 +100,8 @@ class ShippingHandler(logging.Handler):
             self._wake = threading.Event()
             self._stopping = threading.Event()
             self._close_deadline = float("inf")
+            # A forked child inherits the sink's count of refusals, which its parent reported.
+            self._inherited_rejections = getattr(self.sink, "rejected", 0) if forked else 0
             if forked:  # the parent's spool, connection and counts are not ours
                 self.dropped = self.sent = 0
                 self.last_error = None
@@ -150,8 +153,7 @@ class ShippingHandler(logging.Handler):
         return batch
 
     def _run(self) -> None:
-        # A forked child inherits the sink's count of refusals, which its parent reported.
-        reported_drops, reported_rejections = 0, getattr(self.sink, "rejected", 0)
+        reported_drops, reported_rejections = 0, self._inherited_rejections
         delay = self.backoff_start
         spool: Spool | MemorySpool | None = None
         while True:

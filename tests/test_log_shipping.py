@@ -261,3 +261,256 @@ def test_threads_and_solo_pools_log_the_same_records(redis_url, queue, pool) -> 
         assert inside[0]["process"]["name"] == "MainProcess"  # not a prefork pool child
     finally:
         worker.close()
+
+
+# -- review fixes: serialisation fallback, extra fields, redactor shapes, nested task context --
+
+
+def test_values_orjson_cannot_write_do_not_lose_the_record(logged) -> None:
+    from pythonjsonlogger.orjson import OrjsonFormatter
+
+    logger, stream = logged
+    assert isinstance(logger.handlers[0].formatter, OrjsonFormatter)  # the fast path is in use
+    labels = {"big": 2**70, "small": -(2**64), "ok": 7, "nan": float("nan"), "bad": "x\udc80y"}
+    logger.info("big values %s", "here", extra={"ecs": {"labels": labels, "list": [2**64, 1]}})
+    logger.info("next line")
+    first, second = json_lines(stream.getvalue())
+    assert first["message"] == "big values here"
+    assert list(first)[:4] == ["@timestamp", "log.level", "message", "ecs.version"]
+    assert first["labels"] == {
+        "big": "1180591620717411303424",
+        "small": "-18446744073709551616",
+        "ok": 7,
+        "nan": None,
+        "bad": "x\udc80y",
+    }
+    assert first["list"] == ["18446744073709551616", 1]
+    assert first["service"] == {"name": "svc"}
+    assert second["message"] == "next line"
+
+
+def test_extra_fields_are_kept_and_ecs_fields_win(logged) -> None:
+    from log_shipping.context import TaskContextFilter, current_task
+
+    logger, stream = logged
+    logger.handlers[0].addFilter(TaskContextFilter())
+    token = current_task.set({"id": "t-1", "name": "proj.task"})
+    labels = {"a": 1, "b": 2}
+    try:
+        logger.info(
+            "with extras",
+            extra={
+                "user_id": 5,
+                "labels": labels,
+                "celery": {"worker": {"hostname": "w1"}},
+                "ecs": {"labels": {"b": 3}, "event": {"action": "x"}},
+            },
+        )
+    finally:
+        current_task.reset(token)
+    [record] = json_lines(stream.getvalue())
+    assert set(record) == {
+        "@timestamp",
+        "log.level",
+        "message",
+        "ecs.version",
+        "log",
+        "service",
+        "host",
+        "process",
+        "user_id",
+        "labels",
+        "celery",
+        "event",
+    }
+    assert record["user_id"] == 5
+    assert record["labels"] == {"a": 1, "b": 3}
+    assert labels == {"a": 1, "b": 2}  # the caller's dict is left as it was
+    assert record["celery"] == {
+        "worker": {"hostname": "w1"},
+        "task": {"id": "t-1", "name": "proj.task"},
+    }
+    assert record["event"] == {"action": "x"}
+
+
+def test_stack_info_becomes_error_stack_trace(logged) -> None:
+    logger, stream = logged
+    logger.info("where am I", stack_info=True)
+    try:
+        raise KeyError("missing")
+    except KeyError:
+        logger.exception("failed", stack_info=True)
+    plain, failed = json_lines(stream.getvalue())
+    assert set(plain) == {
+        "@timestamp",
+        "log.level",
+        "message",
+        "ecs.version",
+        "log",
+        "service",
+        "host",
+        "process",
+        "error",
+    }
+    assert list(plain["error"]) == ["stack_trace"]
+    assert plain["error"]["stack_trace"].startswith("Stack (most recent call last):\n")
+    assert "test_stack_info_becomes_error_stack_trace" in plain["error"]["stack_trace"]
+    assert "stack_info" not in failed
+    assert failed["error"]["type"] == "KeyError"
+    assert failed["error"]["stack_trace"].startswith("Traceback (most recent call last):\n")
+
+
+def test_celerys_own_data_extra_is_never_shipped() -> None:
+    """Celery logs its messages' context, task arguments' repr included, as extra "data"."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(EcsJsonFormatter(service_name="svc", hostname="host-1"))
+    loggers = [logging.getLogger(f"{base}.{uuid.uuid4().hex}") for base in ("celery", "app")]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+    context = {"id": "t-1", "name": "proj.login", "kwargs": "{'password': 'hunter2'}"}
+    loggers[0].info("Task %(name)s[%(id)s] received", context, extra={"data": context})
+    loggers[1].info("Task %(name)s[%(id)s] seen", context, extra={"data": context})
+    loggers[1].info("user data", extra={"data": {"rows": 3}})
+    received, seen, user = json_lines(stream.getvalue())
+    assert received["message"] == "Task proj.login[t-1] received"
+    assert seen["message"] == "Task proj.login[t-1] seen"
+    assert "data" not in received and "data" not in seen
+    assert "hunter2" not in stream.getvalue()
+    assert user["data"] == {"rows": 3}
+
+
+def test_redactor_walks_every_mapping_shape_and_caps_what_it_keeps() -> None:
+    import dataclasses
+    from collections import OrderedDict, namedtuple
+    from types import MappingProxyType
+
+    Login = namedtuple("Login", "user password")
+
+    @dataclasses.dataclass
+    class Account:
+        name: str
+        api_key: str
+        login: Login
+
+    redact = Redactor(max_length=10)
+    assert redact(MappingProxyType({"user": "ann", "password": "p"})) == {
+        "user": "ann",
+        "password": REDACTED,
+    }
+    assert redact(OrderedDict(token="t", n=1)) == {"token": REDACTED, "n": 1}
+    assert redact(Login("ann", "hunter2")) == {"user": "ann", "password": REDACTED}
+    assert redact([Account("acme", "k", Login("bob", "pw"))]) == [
+        {"name": "acme", "api_key": REDACTED, "login": {"user": "bob", "password": REDACTED}}
+    ]
+    assert redact(b"abc") == "b'abc'"
+    assert redact(b"\x00" * 100_000) == "b'\\x00\\x00...[100000 bytes]"
+    assert redact(bytearray(b"xyzxyzxyzxyz")) == "b'xyzxyzxy...[12 bytes]"
+    assert redact(list(range(100_000))) == [*range(50), "[... 99950 more items]"]
+    assert redact({str(i): i for i in range(51)})["[...]"] == "[... 1 more items]"
+    assert redact([2**70, -(2**63), 2**63]) == [
+        "1180591620...[12 more chars]",
+        -(2**63),
+        "9223372036...[9 more chars]",
+    ]
+    assert Redactor()(2**70) == "1180591620717411303424"
+    assert Redactor(max_length=20)(10**5000) == "[16610-bit int]"
+    redact = Redactor(max_length=10, max_items=3)
+    assert redact(list(range(100_000))) == [0, 1, 2, "[... 99997 more items]"]
+    assert redact(tuple(range(3))) == [0, 1, 2]
+    assert redact({f"k{i}": i for i in range(5)}) == {
+        "k0": 0,
+        "k1": 1,
+        "k2": 2,
+        "[...]": "[... 2 more items]",
+    }
+
+
+def test_lifecycle_logs_big_int_arguments_as_strings(logged) -> None:
+    from types import SimpleNamespace
+
+    from log_shipping.lifecycle import Lifecycle
+
+    logger, stream = logged
+    lifecycle_logger = logging.getLogger("celery_obs.lifecycle")
+    saved = lifecycle_logger.level, lifecycle_logger.propagate
+    lifecycle_logger.addHandler(logger.handlers[0])
+    lifecycle_logger.setLevel(logging.INFO)
+    lifecycle_logger.propagate = False
+    request = SimpleNamespace(id="t-big", args=(2**70, 1), kwargs={"n": 2**64})
+    task = SimpleNamespace(name="proj.big", request=request)
+    try:
+        lifecycle = Lifecycle(Redactor())
+        lifecycle.on_prerun(sender=task, task_id="t-big", task=task)
+        lifecycle.on_postrun(sender=task, task_id="t-big", task=task)
+    finally:
+        lifecycle_logger.removeHandler(logger.handlers[0])
+        lifecycle_logger.setLevel(saved[0])
+        lifecycle_logger.propagate = saved[1]
+    [started] = json_lines(stream.getvalue())
+    assert started["celery"]["task"]["args"] == ["1180591620717411303424", 1]
+    assert started["celery"]["task"]["kwargs"] == {"n": "18446744073709551616"}
+
+
+def test_postrun_restores_the_outer_tasks_context() -> None:
+    from types import SimpleNamespace
+
+    from log_shipping.context import current_task
+    from log_shipping.lifecycle import Lifecycle
+
+    lifecycle = Lifecycle(None)
+    outer, inner = SimpleNamespace(name="proj.outer"), SimpleNamespace(name="proj.inner")
+    lifecycle.on_prerun(sender=outer, task_id="o-1", task=outer)
+    lifecycle.on_prerun(sender=inner, task_id="i-1", task=inner)
+    assert current_task.get() == {"id": "i-1", "name": "proj.inner"}
+    lifecycle.on_postrun(sender=inner, task_id="i-1", task=inner)
+    assert current_task.get() == {"id": "o-1", "name": "proj.outer"}
+    lifecycle.on_postrun(sender=outer, task_id="o-1", task=outer)
+    assert current_task.get() is None
+    lifecycle.on_prerun(sender=outer, task_id="o-2", task=outer)
+    lifecycle.on_postrun(sender=outer, task_id="never-started", task=outer)  # no token: cleared
+    assert current_task.get() is None
+
+
+def test_a_task_applied_eagerly_inside_another_keeps_the_outer_context(logged) -> None:
+    from celery import signals
+
+    from log_shipping.context import TaskContextFilter
+    from log_shipping.lifecycle import Lifecycle
+
+    logger, stream = logged
+    logger.handlers[0].addFilter(TaskContextFilter())
+    app = Celery("eager", set_as_current=False)
+
+    @app.task(name="eager.inner")
+    def inner() -> int:
+        logger.info("in inner")
+        return 1
+
+    @app.task(name="eager.outer")
+    def outer() -> int:
+        logger.info("outer before")
+        value = inner.apply(task_id="inner-1").get()
+        logger.info("outer after")
+        return value + 1
+
+    lifecycle = Lifecycle(None)
+    handlers = [(signals.task_prerun, lifecycle.on_prerun)]
+    handlers.append((signals.task_postrun, lifecycle.on_postrun))
+    for signal_, handler in handlers:
+        signal_.connect(handler, weak=False)
+    try:
+        assert outer.apply(task_id="outer-1").get() == 2
+    finally:
+        for signal_, handler in handlers:
+            signal_.disconnect(handler)
+    logger.info("after both")
+    tasks = {r["message"]: r.get("celery", {}).get("task") for r in json_lines(stream.getvalue())}
+    assert tasks == {
+        "outer before": {"id": "outer-1", "name": "eager.outer"},
+        "in inner": {"id": "inner-1", "name": "eager.inner"},
+        "outer after": {"id": "outer-1", "name": "eager.outer"},
+        "after both": None,
+    }
