@@ -24,12 +24,12 @@ pytestmark = pytest.mark.broker
 PROBE = "probe@stream-test"
 
 
-def probe_wire(url: str) -> list:
+def probe_wire(url: str, hostname: str = PROBE) -> list:
     probe = eventgen.Workload(tasks=0)
     probe.events = [
         {
             "type": "worker-heartbeat",
-            "hostname": PROBE,
+            "hostname": hostname,
             "timestamp": time.time(),
             "utcoffset": 0,
             "freq": 2.0,
@@ -49,6 +49,16 @@ def wait_subscribed(exporter: ExporterProcess, url: str) -> None:
         return exporter.scrape().value("celery_worker_up", hostname=PROBE) == 1
 
     wait_for(seen, 30, "the exporter to see a probe heartbeat", interval=0.3)
+    # A probe published just before the one seen may still be in flight, and would be counted
+    # after the test's "before" scrape. One last probe, under its own name, settles it: events
+    # from one publisher arrive in order, so once it is counted every earlier one is.
+    marker = f"marker-{time.monotonic_ns()}@stream-test"
+    publisher.publish(probe_wire(url, marker))
+    wait_for(
+        lambda: exporter.scrape().value("celery_worker_up", hostname=marker) == 1,
+        30,
+        "the last probe counted",
+    )
 
 
 @pytest.mark.parametrize("batch", [1, 24])
