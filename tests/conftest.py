@@ -13,6 +13,7 @@ import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -160,3 +161,12 @@ def receiver() -> Iterator[HttpReceiver]:
     yield receiver
     if receiver.server is not None:
         receiver.stop()
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Real log_shipping records (es_mapping_model), made once per module that asks."""
+    # Imported here: the model reads the templates at import, which only these tests need.
+    from es_mapping_model import lifecycle_records, shipper_reports
+
+    return lifecycle_records() + shipper_reports(tmp_path_factory.mktemp("spool"))
