@@ -139,13 +139,6 @@ def config_from_app(app: Celery | None, base: LogConfig) -> LogConfig:
     return _with(base, values)
 
 
-def make_handler(spec: str, config: LogConfig) -> logging.Handler:
-    """A handler for one output entry (see outputs.py)."""
-    if outputs.is_local(spec):
-        return outputs.make_local_handler(spec, config)
-    return outputs.make_shipping_handler(spec, config)
-
-
 class JsonLogging:
     """Applies the formatter and filter to whatever loggers Celery sets up, and attaches the
     network shippers (one per network output, shared by every logger) to them."""

@@ -21,7 +21,7 @@ import time
 from collections import deque
 
 from .sinks import Sink, SinkError
-from .spool import MemorySpool, Spool, SpoolBusy
+from .spool import AnySpool, MemorySpool, Spool, SpoolBusy
 
 __all__ = ["ShippingHandler", "Sink", "SinkError"]
 
@@ -62,9 +62,10 @@ class ShippingHandler(logging.Handler):
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._spool: Spool | MemorySpool | None = None
+        self._spool: AnySpool | None = None
         self._close_deadline = float("inf")
         self._inherited_rejections = 0
+        self._reported_drops = self._reported_rejections = 0
 
     # -- the task's side: format and enqueue, nothing else ----------------------------------
 
@@ -153,9 +154,10 @@ class ShippingHandler(logging.Handler):
         return batch
 
     def _run(self) -> None:
-        reported_drops, reported_rejections = 0, self._inherited_rejections
+        self._reported_drops = 0
+        self._reported_rejections = self._inherited_rejections
         delay = self.backoff_start
-        spool: Spool | MemorySpool | None = None
+        spool: AnySpool | None = None
         while True:
             stopping = self._stopping.is_set()
             if not stopping:
@@ -163,35 +165,8 @@ class ShippingHandler(logging.Handler):
                 self._wake.clear()
             try:
                 if spool is None:
-                    try:
-                        spool = self._open_spool()
-                    except OSError as exc:  # keep shipping; hold back-ups in memory instead
-                        status.warning(
-                            "log spool %s unusable (%s); spooling in memory", self.spool_root, exc
-                        )
-                        spool = MemorySpool(self.spool_max_bytes)
-                    self._spool = spool
-                drops = self.dropped + spool.dropped_lines
-                if drops != reported_drops:
-                    self._queue.append(
-                        self._report(
-                            "log-records-dropped",
-                            drops - reported_drops,
-                            "log shipping dropped %d records (queue or spool full)",
-                        )
-                    )
-                    reported_drops = drops
-                rejected = getattr(self.sink, "rejected", 0)
-                if rejected != reported_rejections:
-                    self._queue.append(
-                        self._report(
-                            "log-records-rejected",
-                            rejected - reported_rejections,
-                            "the log sink refused %d records for good; latest: %s",
-                            getattr(self.sink, "last_rejection", ""),
-                        )
-                    )
-                    reported_rejections = rejected
+                    spool = self._spool = self._open_spool_or_memory()
+                self._report_losses(spool)
                 delivered = self._drain(spool)
             except Exception as exc:  # the spool's disk (full, unwritable): keep going
                 self._failing(exc)
@@ -209,7 +184,38 @@ class ShippingHandler(logging.Handler):
             self._back_off(spool, delay)
             delay = min(delay * 2, self.backoff_cap)
 
-    def _back_off(self, spool: Spool | MemorySpool | None, delay: float) -> None:
+    def _open_spool_or_memory(self) -> AnySpool:
+        try:
+            return self._open_spool()
+        except OSError as exc:  # keep shipping; hold back-ups in memory instead
+            status.warning("log spool %s unusable (%s); spooling in memory", self.spool_root, exc)
+            return MemorySpool(self.spool_max_bytes)
+
+    def _report_losses(self, spool: AnySpool) -> None:
+        """Queue a record saying how many lines were dropped or refused since the last one."""
+        drops = self.dropped + spool.dropped_lines
+        if drops != self._reported_drops:
+            self._queue.append(
+                self._report(
+                    "log-records-dropped",
+                    drops - self._reported_drops,
+                    "log shipping dropped %d records (queue or spool full)",
+                )
+            )
+            self._reported_drops = drops
+        rejected = getattr(self.sink, "rejected", 0)
+        if rejected != self._reported_rejections:
+            self._queue.append(
+                self._report(
+                    "log-records-rejected",
+                    rejected - self._reported_rejections,
+                    "the log sink refused %d records for good; latest: %s",
+                    getattr(self.sink, "last_rejection", ""),
+                )
+            )
+            self._reported_rejections = rejected
+
+    def _back_off(self, spool: AnySpool | None, delay: float) -> None:
         """Wait before retrying the sink, moving the queue to the spool as it fills, so a long
         outage drops nothing until the spool itself is full."""
         deadline = time.monotonic() + delay
@@ -225,7 +231,7 @@ class ShippingHandler(logging.Handler):
     def _past_close_deadline(self) -> bool:
         return self._stopping.is_set() and time.monotonic() > self._close_deadline
 
-    def _drain(self, spool: Spool | MemorySpool) -> bool:
+    def _drain(self, spool: AnySpool) -> bool:
         """Send spooled batches, then queued ones; False (spooling the batch) on failure.
         Closing and out of time: the rest goes to the spool, for the next start."""
         while (spooled := spool.peek()) is not None:
@@ -279,11 +285,11 @@ class ShippingHandler(logging.Handler):
             )
         self.last_error = f"{type(exc).__name__}: {exc}"
 
-    def _spill(self, spool: Spool | MemorySpool) -> None:
+    def _spill(self, spool: AnySpool) -> None:
         while batch := self._take():
             self._push(spool, batch)
 
-    def _push(self, spool: Spool | MemorySpool, lines: list[bytes]) -> None:
+    def _push(self, spool: AnySpool, lines: list[bytes]) -> None:
         try:
             spool.push(lines)
         except OSError:

@@ -163,3 +163,7 @@ class MemorySpool:
 
     def release(self) -> None:
         pass
+
+
+#: Either spool: the shipper does not care which.
+AnySpool = Spool | MemorySpool

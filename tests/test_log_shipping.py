@@ -13,8 +13,8 @@ import pytest
 from celery import Celery
 
 from log_shipping.formatter import EcsJsonFormatter
-from log_shipping.hooks import LogConfig, config_from_app, config_from_env, make_handler
-from log_shipping.outputs import split_outputs, spool_name
+from log_shipping.hooks import LogConfig, config_from_app, config_from_env
+from log_shipping.outputs import make_local_handler, split_outputs, spool_name
 from log_shipping.redact import REDACTED, Redactor
 
 from support import WorkerProcess, producer, wait_for
@@ -106,7 +106,7 @@ def test_environment_overrides_code(tmp_path) -> None:
         True,
         ("pin", "cvv"),
     )
-    handler = make_handler(config.output, config)
+    handler = make_local_handler(config.output, config)
     handler.setFormatter(EcsJsonFormatter(service_name=config.service_name))
     handler.emit(logging.LogRecord("x", logging.INFO, __file__, 1, "to a file", None, None))
     handler.close()
