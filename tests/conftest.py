@@ -1,8 +1,10 @@
-"""Fixtures for the real-component tests: isolated broker namespaces and process factories.
+"""Fixtures for the real-component tests: broker resources of their own and process factories.
 
-Each Redis test gets its own (flushed) database, which isolates pub/sub events too, since kombu
-prefixes fanout channels with the database number. RabbitMQ tests share one vhost made for the
-session and use a queue name of their own.
+Redis tests run on a private `redis-server` started for the session on a free port; each test
+gets a database of it (flushed: the server is ours), which isolates pub/sub events too, since
+kombu prefixes fanout channels with the database number. RabbitMQ tests share one vhost and user
+made for the session (and removed after it) and use a queue name of their own. Nothing is done to
+the machine's shared Redis or RabbitMQ beyond that vhost and user.
 """
 
 from __future__ import annotations
@@ -19,14 +21,12 @@ import pytest
 import redis
 from kombu import Connection
 
+from brokers import RabbitVhost, RedisServer
 from log_receivers import HttpReceiver
 from support import ExporterProcess, WorkerProcess, free_port
 
-REDIS_BASE = "redis://127.0.0.1:6379"
-AMQP_BASE = "amqp://guest:guest@127.0.0.1:5672"
-#: A RabbitMQ user made for the session, so tests can check its password never leaks.
-AMQP_USER, AMQP_PASSWORD = "celery-obs-test", "s3cret-Pa55"
-_redis_databases = itertools.cycle(range(1, 16))
+AMQP_GUEST = "amqp://guest:guest@127.0.0.1:5672"
+_redis_databases = itertools.cycle(range(16))
 
 
 def _require(url: str, how_to_start: str) -> None:
@@ -38,41 +38,43 @@ def _require(url: str, how_to_start: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def redis_available() -> None:
-    _require(f"{REDIS_BASE}/0", "redis-server --daemonize yes --bind 127.0.0.1 --port 6379")
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of the session's own (the machine's 6379 is never touched)."""
+    try:
+        server = RedisServer()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="session")
-def rabbit_vhost() -> Iterator[str]:
-    _require(f"{AMQP_BASE}//", "rabbitmq-server -detached")
-    ctl = shutil.which("rabbitmqctl")
-    if ctl is None:  # a RabbitMQ we cannot administer: share the default vhost
-        yield ""
-        return
-    vhost = f"celery-obs-test-{uuid.uuid4().hex[:8]}"
-    subprocess.run([ctl, "add_vhost", vhost], check=True, capture_output=True)
-    subprocess.run([ctl, "add_user", AMQP_USER, AMQP_PASSWORD], capture_output=True)
-    for user in ("guest", AMQP_USER):
-        subprocess.run(
-            [ctl, "set_permissions", "-p", vhost, user, ".*", ".*", ".*"],
-            check=True,
-            capture_output=True,
-        )
+def rabbit() -> Iterator[RabbitVhost]:
+    """A vhost and user made for the session on the machine's RabbitMQ, removed afterwards."""
+    _require(f"{AMQP_GUEST}//", "rabbitmq-server -detached")
+    try:
+        vhost = RabbitVhost()
+    except (RuntimeError, subprocess.SubprocessError) as exc:
+        pytest.fail(f"cannot create a RabbitMQ vhost for the tests: {exc}")
     yield vhost
-    subprocess.run([ctl, "delete_vhost", vhost], capture_output=True)
-    subprocess.run([ctl, "delete_user", AMQP_USER], capture_output=True)
+    vhost.close()
+
+
+@pytest.fixture(scope="session")
+def rabbit_vhost(rabbit: RabbitVhost) -> str:
+    return rabbit.name
 
 
 @pytest.fixture
-def redis_url(redis_available: None) -> str:
+def redis_url(redis_server: RedisServer) -> str:
     db = next(_redis_databases)
-    redis.Redis(host="127.0.0.1", port=6379, db=db).flushdb()
-    return f"{REDIS_BASE}/{db}"
+    redis.Redis(host="127.0.0.1", port=redis_server.port, db=db).flushdb()
+    return redis_server.url(db)
 
 
 @pytest.fixture
-def amqp_url(rabbit_vhost: str) -> str:
-    return f"{AMQP_BASE}/{rabbit_vhost}"
+def amqp_url(rabbit: RabbitVhost) -> str:
+    return rabbit.url()
 
 
 @pytest.fixture(params=["redis", "amqp"])

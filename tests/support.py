@@ -119,8 +119,9 @@ class Process:
             except subprocess.TimeoutExpired:
                 self.signal(signal.SIGKILL)
                 self.proc.wait(5)
-        self.log.close()
-        os.unlink(self.log.name)
+        if not self.log.closed:  # close() may be called again (a test, then its fixture)
+            self.log.close()
+            os.unlink(self.log.name)
 
 
 class ExporterProcess(Process):
@@ -172,7 +173,10 @@ class ExporterProcess(Process):
 
 
 class WorkerProcess(Process):
-    """A real `celery worker` (prefork) running a test app (tests/cluster_app.py by default)."""
+    """A real `celery worker` (prefork -c 2 unless told) running a test app (cluster_app.py).
+
+    `queue` may name several queues (comma separated); the first is the app's default queue.
+    """
 
     def __init__(
         self,
@@ -184,6 +188,8 @@ class WorkerProcess(Process):
         app: str = "cluster_app",
         env: dict[str, str] | None = None,
         quiet: bool = False,
+        pool: str = "prefork",
+        concurrency: int = 2,
     ) -> None:
         self.hostname = f"{name}@{socket.gethostname()}"
         super().__init__(
@@ -196,9 +202,9 @@ class WorkerProcess(Process):
                 app,
                 "worker",
                 "-P",
-                "prefork",
+                pool,
                 "-c",
-                "2",
+                str(concurrency),
                 "-Q",
                 queue,
                 "-n",
@@ -210,7 +216,11 @@ class WorkerProcess(Process):
                 *(["-E"] if events else []),
                 *flags,
             ],
-            env={"OBS_TEST_BROKER": broker_url, "OBS_TEST_QUEUE": queue, **(env or {})},
+            env={
+                "OBS_TEST_BROKER": broker_url,
+                "OBS_TEST_QUEUE": queue.split(",")[0],
+                **(env or {}),
+            },
             cwd=TESTS,
         )
 

@@ -2,41 +2,17 @@
 
 from __future__ import annotations
 
-import shutil
-import signal
-import tempfile
-
 import pytest
 
-from support import Process, free_port, producer, wait_for
+from brokers import RedisServer
+from support import producer, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 
-def start_redis(port: int, directory: str) -> Process:
-    server = Process(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            directory,
-        ]
-    )
-    wait_for(lambda: "Ready to accept connections" in server.output(), 10, "redis-server ready")
-    return server
-
-
 def test_exporter_survives_a_redis_restart(queue, start_exporter, start_worker):
-    port, directory = free_port(), tempfile.mkdtemp(prefix="celery-obs-redis-")
-    url = f"redis://127.0.0.1:{port}/0"
-    server = start_redis(port, directory)
+    server = RedisServer()
+    url = server.url()
     try:
         exporter = start_exporter(url)
         worker = start_worker(url, queue)
@@ -46,8 +22,7 @@ def test_exporter_survives_a_redis_restart(queue, start_exporter, start_worker):
             app.send_task("obs.add", (i, i))
         exporter.wait_value("celery_task_succeeded_total", 3, name="obs.add", queue_name=queue)
 
-        server.signal(signal.SIGKILL)
-        server.wait(5)
+        server.kill()
 
         def outage_reported() -> str | None:
             status, reason = exporter.healthz()
@@ -57,8 +32,7 @@ def test_exporter_survives_a_redis_restart(queue, start_exporter, start_worker):
         assert reason.startswith(f"not connected to {url} for ")
         assert exporter.scrape().value("celery_exporter_broker_connected") == 0
 
-        server.close()
-        server = start_redis(port, directory)
+        server.start()  # same port, empty: as a restarted server without persistence
         exporter.wait_healthy(30)
         scrape = exporter.scrape()
         assert scrape.value("celery_exporter_broker_connected") == 1
@@ -76,4 +50,3 @@ def test_exporter_survives_a_redis_restart(queue, start_exporter, start_worker):
         )
     finally:
         server.close()
-        shutil.rmtree(directory, ignore_errors=True)

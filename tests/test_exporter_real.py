@@ -10,7 +10,7 @@ import pytest
 import redis
 from kombu import Connection, Exchange, Producer
 
-from conftest import AMQP_PASSWORD, AMQP_USER
+from brokers import RabbitVhost
 from support import ExporterProcess, Scrape, producer, send_many, wait_for
 
 pytestmark = pytest.mark.broker
@@ -204,8 +204,7 @@ def test_redis_queue_length_sums_priority_sub_queues(redis_url, queue, start_exp
     app = producer(redis_url, queue)
     for priority in (0, 0, 3, 6, 9, 9, 9):
         app.send_task("obs.add", (1, 1), priority=priority)
-    db = int(redis_url.rsplit("/", 1)[1])
-    keys = redis.Redis(host="127.0.0.1", db=db).keys(f"{queue}*")
+    keys = redis.Redis.from_url(redis_url).keys(f"{queue}*")
     assert len(keys) == 4, keys  # the plain list plus three priority sub-lists
     # Discovered from the task-sent events alone: no --queues flag.
     exporter.wait_value("celery_queue_length", 7, queue_name=queue)
@@ -273,18 +272,17 @@ def test_enable_events_makes_a_worker_without_dash_e_report(
     wait_for(succeeded, 30, "task events from a worker started without -E", interval=0.5)
 
 
-def test_the_broker_password_never_shows(rabbit_vhost, start_exporter):
-    if not rabbit_vhost:
-        pytest.skip("needs rabbitmqctl to create a user with a password")
-    good = f"amqp://{AMQP_USER}:{AMQP_PASSWORD}@127.0.0.1:5672/{rabbit_vhost}"
+def test_the_broker_password_never_shows(rabbit: RabbitVhost, start_exporter):
+    user, password, vhost = rabbit.user, rabbit.password, rabbit.name
+    good = rabbit.url()
     exporter = start_exporter(good, "--log-level", "debug")
     status, reason = exporter.healthz()
     assert (status, reason) == (
         200,
-        f"ok: connected to amqp://{AMQP_USER}:**@127.0.0.1:5672/{rabbit_vhost}, consuming events\n",
+        f"ok: connected to amqp://{user}:**@127.0.0.1:5672/{vhost}, consuming events\n",
     )
 
-    bad = f"amqp://{AMQP_USER}:wrong-{AMQP_PASSWORD}@127.0.0.1:5672/{rabbit_vhost}"
+    bad = rabbit.url(password=f"wrong-{password}")
     refused = start_exporter(bad, healthy=False)
 
     def refusal() -> str | None:
@@ -292,9 +290,9 @@ def test_the_broker_password_never_shows(rabbit_vhost, start_exporter):
         return reason if status == 503 and "ACCESS_REFUSED" in reason else None
 
     reason = wait_for(refusal, 20, "503 naming the refusal")
-    assert "amqp://celery-obs-test:**@127.0.0.1:5672/" in reason
+    assert f"amqp://{user}:**@127.0.0.1:5672/" in reason
     wait_for(lambda: "cannot connect to the broker" in refused.output(), 10, "a log line")
     for process in (exporter, refused):
         process.signal(signal.SIGTERM)
         assert process.wait(10) == 0  # SIGTERM is a clean stop
-        assert AMQP_PASSWORD not in process.output()
+        assert password not in process.output()
