@@ -1,10 +1,15 @@
 """Queue depth probes, polled in the background and cached so a scrape never touches the broker.
 
-The probe is a passive `queue_declare`, which every kombu transport answers with its message count:
-on Redis kombu sums the list and its priority sub-lists (`queue\\x06\\x163`, ...), on RabbitMQ the
-broker reports the queue's ready messages. A queue that does not exist (on Redis: an empty one,
-since Redis deletes empty lists) has length 0. On AMQP a failed passive declare closes the
-channel, so the probe opens a fresh one after each miss.
+On RabbitMQ (and other transports) the probe is a passive `queue_declare`, answered with the
+queue's ready messages; a failed passive declare closes the channel, so the probe opens a fresh
+one after each miss. On Redis a queue is a list plus one sub-list per priority step
+(`queue\\x06\\x163`, ...). kombu's own count only looks at the steps *this* process is configured
+with, which need not be the cluster's (a cluster with 10 steps showed 4 of 10 messages), so the
+probe reads every sub-list a cluster can have: kombu clamps priorities to 0-9, so whatever
+`priority_steps` the producers use, their sub-lists are among these ten. The key separator and
+`global_keyprefix` come from the transport options, as kombu applies them. A queue that does not
+exist (on Redis: an empty one, since Redis deletes empty lists) has length 0; a key that is not a
+list fails that queue's probe alone.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from kombu import Connection
 from kombu.exceptions import ChannelError
@@ -32,21 +38,54 @@ class QueueLengths:
         with self._lock:
             self._lengths.update(lengths)
 
-    def count_error(self) -> None:
+    def count_error(self, n: int = 1) -> None:
         with self._lock:
-            self._errors += 1
+            self._errors += n
 
     def snapshot(self) -> tuple[dict[str, int], int]:
         with self._lock:
             return dict(self._lengths), self._errors
 
 
-def probe_lengths(connection: Connection, queues: Iterable[str]) -> dict[str, int]:
-    """Ask the broker for each queue's message count over one connection."""
+#: kombu's virtual transport clamps message priorities to 0..9 (`min/max_priority`), and a
+#: priority step's sub-list is named after the step: with any `priority_steps`, these cover all.
+_REDIS_PRIORITIES = range(1, 10)
+
+
+def probe_lengths(connection: Connection, queues: Iterable[str]) -> tuple[dict[str, int], int]:
+    """Each queue's message count over one connection, and how many queues failed."""
+    channel = connection.default_channel
+    if connection.transport.driver_type == "redis":
+        return redis_lengths(channel, sorted(queues))
+    return declared_lengths(connection, sorted(queues))
+
+
+def redis_lengths(channel: Any, queues: list[str]) -> tuple[dict[str, int], int]:
+    """Sum each queue's list and priority sub-lists, in one pipelined round trip."""
+    sep = channel.sep
+    names = [[queue, *(f"{queue}{sep}{p}" for p in _REDIS_PRIORITIES)] for queue in queues]
+    with channel.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+        for keys in names:  # the client adds global_keyprefix to LLEN's key
+            for key in keys:
+                pipe.llen(key)
+        replies = pipe.execute(raise_on_error=False)
+    lengths: dict[str, int] = {}
+    failed = 0
+    per_queue = len(_REDIS_PRIORITIES) + 1
+    for i, queue in enumerate(queues):
+        sizes = replies[i * per_queue : (i + 1) * per_queue]
+        if all(isinstance(size, int) for size in sizes):
+            lengths[queue] = sum(sizes)
+        else:  # e.g. WRONGTYPE: a key of that name that is not a list
+            failed += 1
+    return lengths, failed
+
+
+def declared_lengths(connection: Connection, queues: list[str]) -> tuple[dict[str, int], int]:
     lengths: dict[str, int] = {}
     channel = connection.channel()
     try:
-        for queue in sorted(queues):
+        for queue in queues:
             try:
                 lengths[queue] = channel.queue_declare(queue=queue, passive=True).message_count
             except ChannelError:
@@ -55,7 +94,7 @@ def probe_lengths(connection: Connection, queues: Iterable[str]) -> dict[str, in
                 channel = connection.channel()
     finally:
         channel.close()
-    return lengths
+    return lengths, 0
 
 
 class QueueProbe:
@@ -91,7 +130,10 @@ class QueueProbe:
             if self._connection is None:
                 self._connection = self._connect()
                 self._connection.ensure_connection(max_retries=1)
-            self._cache.update(probe_lengths(self._connection, names))
+            lengths, failed = probe_lengths(self._connection, names)
+            self._cache.update(lengths)
+            if failed:
+                self._cache.count_error(failed)
         except Exception as exc:  # any broker failure: keep the last lengths, count, retry later
             self._cache.count_error()
             log.warning("queue length probe failed: %s: %s", type(exc).__name__, exc)

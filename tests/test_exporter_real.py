@@ -112,7 +112,9 @@ def test_every_task_lifecycle_is_counted_exactly(broker_url, queue, start_export
                 {
                     ("obs.fail_value", q, "ValueError"): 2,
                     ("obs.fail_payment", q, "PaymentDeclined"): 1,
-                    ("obs.sleep", q, "TimeLimitExceeded"): 1,
+                    # A hard time limit: Celery sends task-failed twice (on_timeout, then
+                    # on_failure). Its own Receiver counts both, and so do we.
+                    ("obs.sleep", q, "TimeLimitExceeded"): 2,
                     # Celery >= 5.5 reports a Reject without requeue as a failure *and* a rejection.
                     ("obs.reject", q, "Reject"): 1,
                     ("obs.no_such_task", q, "NotRegistered"): 1,
@@ -208,6 +210,45 @@ def test_redis_queue_length_sums_priority_sub_queues(redis_url, queue, start_exp
     assert len(keys) == 4, keys  # the plain list plus three priority sub-lists
     # Discovered from the task-sent events alone: no --queues flag.
     exporter.wait_value("celery_queue_length", 7, queue_name=queue)
+
+
+def test_redis_queue_length_finds_the_clusters_own_priority_steps(redis_url, queue, start_exporter):
+    # The cluster uses ten priority steps; the exporter is not told: all ten lists count.
+    exporter = start_exporter(redis_url)
+    app = producer(redis_url, queue)
+    app.conf.broker_transport_options = {"priority_steps": list(range(10))}
+    for priority in range(10):
+        app.send_task("obs.add", (1, 1), priority=priority)
+    assert len(redis.Redis.from_url(redis_url).keys(f"{queue}*")) == 10
+    exporter.wait_value("celery_queue_length", 10, queue_name=queue)
+
+
+def test_redis_queue_length_with_a_global_key_prefix_and_a_key_that_is_no_queue(
+    redis_url, queue, start_exporter
+):
+    prefix = "tenant-a:"
+    client = redis.Redis.from_url(redis_url)
+    client.set(f"{prefix}not_a_list", "a string, not a queue")  # WRONGTYPE for LLEN
+    exporter = start_exporter(
+        redis_url,
+        "--broker-transport-option",
+        f"global_keyprefix={prefix}",
+        "--queues",
+        f"{queue},not_a_list",
+    )
+    app = producer(redis_url, queue)
+    app.conf.broker_transport_options = {"global_keyprefix": prefix}
+    for priority in (0, 5, 9):
+        app.send_task("obs.add", (1, 1), priority=priority)
+    assert all(key.startswith(prefix.encode()) for key in client.keys(f"*{queue}*"))
+    exporter.wait_value("celery_queue_length", 3, queue_name=queue)
+    # The key that is not a list fails alone, counted; the real queue's length is right.
+    wait_for(
+        lambda: exporter.scrape().value("celery_exporter_queue_probe_errors_total"),
+        10,
+        "a counted probe error",
+    )
+    assert exporter.scrape().value("celery_queue_length", queue_name="not_a_list") is None
 
 
 def test_amqp_queue_length_from_passive_declare(amqp_url, queue, start_exporter):
