@@ -14,7 +14,8 @@ import time
 import uuid
 from pathlib import Path
 
-from exporter.tracker import Limits, Tracker
+from exporter.config import Limits
+from exporter.tracker import Tracker
 
 
 def rss_mb() -> float:
@@ -59,15 +60,24 @@ def main() -> None:
                 "hostname": "w@h",
             }
         )
-        tracker.handle({"type": "task-started", "uuid": task_id, "timestamp": now})
+        tracker.handle(
+            {"type": "task-started", "uuid": task_id, "timestamp": now, "hostname": "w@h"}
+        )
         if i % 2:
             tracker.handle(
-                {"type": "task-succeeded", "uuid": task_id, "runtime": 0.01, "timestamp": now}
+                {
+                    "type": "task-succeeded",
+                    "uuid": task_id,
+                    "runtime": 0.01,
+                    "timestamp": now,
+                    "hostname": "w@h",
+                }
             )
         if (i + 1) % step == 0:
+            tasks = tracker.tasks
             print(
-                f"{i + 1:>9,} ids: RSS {rss_mb():6.1f} MB, in flight {len(tracker.inflight):,}, "
-                f"finished {len(tracker.finished):,}, evicted {tracker.evicted:,}"
+                f"{i + 1:>9,} ids: RSS {rss_mb():6.1f} MB, in flight {len(tasks.inflight):,}, "
+                f"finished {len(tasks.finished):,}, evicted {tracker.stats.tasks_evicted:,}"
             )
 
 

@@ -42,7 +42,7 @@ def main() -> None:
         f"{events:,} events in {len(payloads):,} messages: {took:.2f}s, "
         f"{took / events * 1e6:.2f} us/event, {events / took:,.0f} events/s"
     )
-    assert sum(tracker.events_by_type.values()) == events
+    assert sum(tracker.stats.events_by_type.values()) == events
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
 

@@ -4,9 +4,17 @@ Stages: `consumer` (broker I/O) -> `tracker` (pure event logic) -> `collector` (
 time, names from the `metrics` catalogue) -> `http` (serve). `service.Exporter` wires them.
 """
 
-from .config import ExporterConfig
+from .config import ExporterConfig, Limits
 from .metrics import CATALOGUE, MetricSpec
 from .service import Exporter
-from .tracker import Limits, Tracker
+from .tracker import Tracker, TrackerView
 
-__all__ = ["CATALOGUE", "Exporter", "ExporterConfig", "Limits", "MetricSpec", "Tracker"]
+__all__ = [
+    "CATALOGUE",
+    "Exporter",
+    "ExporterConfig",
+    "Limits",
+    "MetricSpec",
+    "Tracker",
+    "TrackerView",
+]

@@ -3,8 +3,9 @@
 The text is written straight from the tracker's tables, with each series' name-and-labels prefix
 built once and cached: a scrape costs one pass over the state and a string join, not a Python
 object per sample (prometheus_client's MetricFamily/generate_latest path took 85 ms and most of a
-core at 50 task names). Worker liveness and ages are derived here, so down workers drop out
-without touching any series object; counters show only label sets that happened.
+core at 50 task names). Each scrape first lets the tracker `tick()` (worker liveness, parked
+events), then reads its typed view; down workers drop out without touching any series object,
+and counters show only label sets that happened.
 Nothing here talks to the broker: queue lengths come from the background probe's cache.
 
 `CeleryCollector` adapts the same text to a prometheus_client registry for code that wants one.
@@ -14,11 +15,12 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import metrics as m
-from .tracker import Histogram, LabelKey, Tracker
+from .aggregates import Histogram, LabelKey
+from .tracker import Tracker, TrackerView
 
 if TYPE_CHECKING:
     from .consumer import BrokerStatus
@@ -66,7 +68,7 @@ class Exposition:
             spec.name: f"# HELP {spec.name} {spec.help}\n# TYPE {spec.name} {spec.type}\n"
             for spec in m.CATALOGUE
         }
-        self._les = [_float(b) for b in tracker.buckets] + ["+Inf"]
+        self._les = [_float(b) for b in tracker.metrics.buckets] + ["+Inf"]
         # (metric name, label values) -> the series' text up to its value; bounded by the
         # label limits, so it never outgrows the state it mirrors.
         self._prefixes: dict[str, dict[LabelKey, str]] = {}
@@ -75,9 +77,11 @@ class Exposition:
     def render(self) -> bytes:
         out: list[str] = []
         with self.lock:
-            self._tasks(out)
-            self._workers(out)
-            self._exporter(out)
+            self.tracker.tick()
+            view = self.tracker.view()
+            self._tasks(out, view)
+            self._workers(out, view)
+            self._exporter(out, view)
         self._queues(out)
         return "".join(out).encode()
 
@@ -93,7 +97,7 @@ class Exposition:
         return prefix
 
     def _series(
-        self, out: list[str], spec: m.MetricSpec, values: dict, prune: bool = False
+        self, out: list[str], spec: m.MetricSpec, values: Mapping, prune: bool = False
     ) -> None:
         out.append(self._headers[spec.name])
         prefix = self._prefix
@@ -107,11 +111,11 @@ class Exposition:
     def _single(self, out: list[str], spec: m.MetricSpec, value: float) -> None:
         out.append(f"{self._headers[spec.name]}{spec.name} {_number(value)}\n")
 
-    def _labelled(self, out: list[str], spec: m.MetricSpec, values: dict[str, int]) -> None:
+    def _labelled(self, out: list[str], spec: m.MetricSpec, values: Mapping[str, int]) -> None:
         self._series(out, spec, {(label,): value for label, value in sorted(values.items())})
 
     def _histogram(
-        self, out: list[str], spec: m.MetricSpec, table: dict[LabelKey, Histogram]
+        self, out: list[str], spec: m.MetricSpec, table: Mapping[LabelKey, Histogram]
     ) -> None:
         out.append(self._headers[spec.name])
         for key, hist in table.items():
@@ -130,35 +134,37 @@ class Exposition:
 
     # -- families -----------------------------------------------------------------------------
 
-    def _tasks(self, out: list[str]) -> None:
-        tracker = self.tracker
-        tracker.release_expired()
+    def _tasks(self, out: list[str], view: TrackerView) -> None:
         for kind, spec in m.TASK_COUNTERS.items():
-            self._series(out, spec, tracker.task_counts[kind])
-        self._histogram(out, m.TASK_RUNTIME, tracker.runtime)
-        self._histogram(out, m.TASK_QUEUE_WAIT, tracker.queue_wait)
-        self._histogram(out, m.TASK_LATENCY, tracker.latency)
+            self._series(out, spec, view.task_counts[kind])
+        self._histogram(out, m.TASK_RUNTIME, view.runtime)
+        self._histogram(out, m.TASK_QUEUE_WAIT, view.queue_wait)
+        self._histogram(out, m.TASK_LATENCY, view.latency)
 
-    def _workers(self, out: list[str]) -> None:
-        views = self.tracker.worker_views()
+    def _workers(self, out: list[str], view: TrackerView) -> None:
+        views = view.workers
         series = self._series
         series(out, m.WORKER_UP, {(v.hostname,): int(v.up) for v in views}, prune=True)
+        lost = {(v.hostname,): int(v.state == "lost") for v in views}
+        series(out, m.WORKER_LOST, lost, prune=True)
         series(out, m.WORKER_TASKS_ACTIVE, {(v.hostname,): v.active for v in views}, prune=True)
         series(out, m.WORKER_TASKS_PROCESSED, {(v.hostname,): v.processed for v in views}, True)
         series(out, m.WORKER_LAST_HEARTBEAT, {(v.hostname,): v.last_seen for v in views}, True)
 
-    def _exporter(self, out: list[str]) -> None:
-        tracker, status = self.tracker, self.status
-        self._labelled(out, m.EXPORTER_EVENTS, tracker.events_by_type)
-        self._labelled(out, m.EXPORTER_MALFORMED, tracker.malformed)
-        self._labelled(out, m.EXPORTER_DUPLICATES, tracker.duplicates)
+    def _exporter(self, out: list[str], view: TrackerView) -> None:
+        status = self.status
+        self._labelled(out, m.EXPORTER_EVENTS, view.events_by_type)
+        self._labelled(out, m.EXPORTER_MALFORMED, view.malformed)
+        self._labelled(out, m.EXPORTER_DUPLICATES, view.duplicates)
         self._single(out, m.EXPORTER_BROKER_CONNECTED, int(status.connected))
         self._single(out, m.EXPORTER_RECONNECTS, status.reconnects)
-        self._single(out, m.EXPORTER_LAST_EVENT, tracker.last_event_at)
-        self._single(out, m.EXPORTER_TASKS_TRACKED, len(tracker.inflight))
-        self._single(out, m.EXPORTER_TASKS_EVICTED, tracker.evicted)
-        self._labelled(out, m.EXPORTER_LABEL_OVERFLOW, tracker.label_overflows())
-        self._labelled(out, m.EXPORTER_NEGATIVE_DURATIONS, tracker.negative_durations)
+        self._single(out, m.EXPORTER_LAST_EVENT, view.last_event_at)
+        self._single(out, m.EXPORTER_TASKS_TRACKED, view.tasks_tracked)
+        self._single(out, m.EXPORTER_TASKS_EVICTED, view.tasks_evicted)
+        self._single(out, m.EXPORTER_WORKERS_EVICTED, view.workers_evicted)
+        self._labelled(out, m.EXPORTER_LABEL_OVERFLOW, view.label_overflows)
+        self._labelled(out, m.EXPORTER_NEGATIVE_DURATIONS, view.negative_durations)
+        self._series(out, m.EXPORTER_UNMEASURED, dict(sorted(view.unmeasured.items())))
         self._single(out, m.EXPORTER_BACKLOG_BYTES, status.backlog.backlog_bytes)
         self._single(out, m.EXPORTER_BACKLOG_FULL, status.backlog.full_waits)
         self._series(out, m.EXPORTER_BUILD_INFO, {(self.version,): 1})

@@ -16,13 +16,40 @@ from typing import Any
 
 from kombu.utils.url import maybe_sanitize_url
 
-from .consumer import EventQueueOptions
-from .http import parse_listen_address
 from .metrics import DEFAULT_BUCKETS
-from .tracker import Limits
 
 ENV_PREFIX = "CELERY_OBS_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on memory and label cardinality, and the tracker's tolerances (see the flags)."""
+
+    max_task_names: int = 500
+    max_exceptions: int = 200
+    max_queues: int = 200
+    max_workers: int = 2000
+    max_tracked_tasks: int = 100_000
+    max_finished_tasks: int = 20_000
+    #: How long a task's worker-side events wait for its task-sent (which may arrive later).
+    sent_grace: float = 1.0
+    #: Negative durations down to -this are taken as 0 without counting clock skew: task-sent
+    #: is stamped after the publish, so a quick worker can start a task "before" it was sent.
+    skew_tolerance: float = 1.0
+    worker_timeout: float = 10.0
+    worker_retention: float = 3600.0
+    buckets: tuple[float, ...] = DEFAULT_BUCKETS
+
+
+@dataclass(frozen=True)
+class EventQueueOptions:
+    prefix: str = "celeryev"
+    ttl: float = 60.0
+    expires: float = 300.0
+    max_length: int = 500_000
+    #: Redis: most bytes read off the socket but not yet processed (drain-first backlog).
+    max_backlog_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -43,6 +70,14 @@ class ExporterConfig:
     def safe_broker_url(self) -> str:
         """The broker URL with its password masked: the only form that may be logged."""
         return str(maybe_sanitize_url(self.broker_url))
+
+
+def parse_listen_address(address: str) -> tuple[str, int]:
+    """`:9808`, `0.0.0.0:9808`, `[::1]:9808` -> (host, port); an empty host means all IPv4."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"listen address must be HOST:PORT or :PORT, got {address!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def env_name(flag: str) -> str:

@@ -27,6 +27,7 @@ from kombu import Connection, Consumer, Queue
 from kombu.message import Message
 
 from . import amqp_stream, redis_stream
+from .config import EventQueueOptions
 from .events import Event, EventDecoder, MalformedMessage
 from .redis_stream import BacklogStats
 from .tracker import Tracker
@@ -55,16 +56,6 @@ class BrokerStatus:
         if now - self.last_poll > stall_after:
             return False, f"consumer stalled: no poll for {now - self.last_poll:.0f}s"
         return True, f"ok: connected to {self.broker}, consuming events"
-
-
-@dataclass(frozen=True)
-class EventQueueOptions:
-    prefix: str = "celeryev"
-    ttl: float = 60.0
-    expires: float = 300.0
-    max_length: int = 500_000
-    #: Redis: most bytes read off the socket but not yet processed (drain-first backlog).
-    max_backlog_bytes: int = 64 * 1024 * 1024
 
 
 _AMQP_READ_SIZE = 16 << 10
@@ -121,7 +112,9 @@ class EventConsumer:
         self._thread = threading.Thread(target=self._run, name="event-consumer", daemon=True)
         # One name for the life of the process, so a reconnect finds the queue it left.
         self._queue_name = f"{self._queue_options.prefix}.celery-obs.{uuid.uuid4()}"
-        self._decoder = EventDecoder(on_malformed=tracker.count_malformed)
+        #: Reasons the decoder skipped events for, counted into the tracker under the lock.
+        self._malformed: list[str] = []
+        self._decoder = EventDecoder(on_malformed=self._malformed.append)
         self._sessions = 0  # successful connections so far; all but the first are reconnects
 
     def start(self) -> None:
@@ -146,18 +139,27 @@ class EventConsumer:
         self._process(self._decoder.decode, body, content_type)
 
     def _process(self, decode: Callable[..., list[Event]], *raw: Any) -> None:
+        # Decoding needs no shared state: it runs outside the lock, so a scrape waits only
+        # for the tracker's bookkeeping, never for a big message's JSON.
+        events: list[Event] = []
+        reason = ""
+        try:
+            events = decode(*raw)
+        except MalformedMessage as exc:
+            reason = exc.reason
+            log.debug("skipped malformed event message: %s", exc)
+        except Exception as exc:  # a message must never look like a broker failure
+            reason = "decode"
+            log.debug("skipped undecodable event message: %r", exc)
         with self._lock:
-            try:
-                events = decode(*raw)
-            except MalformedMessage as exc:
-                self._tracker.count_malformed(exc.reason)
-                log.debug("skipped malformed event message: %s", exc)
-                return
-            except Exception as exc:  # a message must never look like a broker failure
-                self._tracker.count_malformed("decode")
-                log.debug("skipped undecodable event message: %r", exc)
-                return
-            self._tracker.handle_all(events)
+            if self._malformed:  # events the decoder skipped inside this message
+                for skipped in self._malformed:
+                    self._tracker.count_malformed(skipped)
+                self._malformed.clear()
+            if reason:
+                self._tracker.count_malformed(reason)
+            else:
+                self._tracker.handle_all(events)
 
     # -- connection lifecycle -----------------------------------------------------------------
 

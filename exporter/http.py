@@ -41,14 +41,6 @@ LANDING_PAGE = """<html><head><title>Celery exporter</title></head><body>
 """
 
 
-def parse_listen_address(address: str) -> tuple[str, int]:
-    """`:9808`, `0.0.0.0:9808`, `[::1]:9808` -> (host, port); an empty host means all IPv4."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"listen address must be HOST:PORT or :PORT, got {address!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 class BasicAuth:
     """Check `Authorization: Basic` against bcrypt hashes, caching successes (bcrypt is slow)."""
 

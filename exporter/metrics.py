@@ -100,20 +100,22 @@ TASK_COUNTERS: dict[str, MetricSpec] = {
 TASK_RUNTIME = MetricSpec(
     "celery_task_runtime_seconds",
     "histogram",
-    "Task execution time on the worker, for succeeded and failed tasks.",
+    "Execution time of the attempt that succeeded or failed, on the worker (Celery's runtime "
+    "for successes; task-started to task-failed for failures). Never includes a retry countdown.",
     (*TASK_LABELS, "outcome"),
 )
 TASK_QUEUE_WAIT = MetricSpec(
     "celery_task_queue_wait_seconds",
     "histogram",
-    "Time from task-sent (else task-received) to task-started, minus any ETA/countdown delay.",
+    "Per attempt: time from its task-sent (else its task-received) to its task-started, minus "
+    "the wait its ETA/countdown asked for. Retries are observed once each.",
     TASK_LABELS,
 )
 TASK_LATENCY = MetricSpec(
     "celery_task_latency_seconds",
     "histogram",
-    "End-to-end time from task-sent (else task-received) to success or failure, "
-    "minus any ETA/countdown delay.",
+    "Per task id: time from its first task-sent (else first task-received) to its success or "
+    "failure, minus the first attempt's ETA/countdown; retries and their countdowns included.",
     TASK_LABELS,
 )
 
@@ -122,6 +124,13 @@ WORKER_UP = MetricSpec(
     "gauge",
     "1 while the worker sends heartbeats; 0 after worker-offline or the worker timeout. "
     "Down workers are kept at 0 for the worker retention, then dropped.",
+    ("hostname",),
+)
+WORKER_LOST = MetricSpec(
+    "celery_worker_lost",
+    "gauge",
+    "1 when the worker stopped sending heartbeats without saying worker-offline (killed, OOM, "
+    "node or network lost); 0 while it is up or after a graceful shutdown (scale-in, deploy).",
     ("hostname",),
 )
 WORKER_TASKS_ACTIVE = MetricSpec(
@@ -165,7 +174,7 @@ EXPORTER_MALFORMED = MetricSpec(
 EXPORTER_DUPLICATES = MetricSpec(
     "celery_exporter_duplicate_events_total",
     "counter",
-    "Task events seen twice for the same task attempt and not counted again.",
+    "Task events delivered again (same uuid, type, timestamp and hostname) and not counted again.",
     ("type",),
 )
 EXPORTER_BROKER_CONNECTED = MetricSpec(
@@ -193,6 +202,11 @@ EXPORTER_TASKS_EVICTED = MetricSpec(
     "counter",
     "Unfinished tasks dropped from the full in-flight table; their later events lose their name.",
 )
+EXPORTER_WORKERS_EVICTED = MetricSpec(
+    "celery_exporter_workers_evicted_total",
+    "counter",
+    "Down workers dropped from the full worker table (--max-workers) to make room for a new one.",
+)
 EXPORTER_LABEL_OVERFLOW = MetricSpec(
     "celery_exporter_label_overflow_total",
     "counter",
@@ -202,8 +216,16 @@ EXPORTER_LABEL_OVERFLOW = MetricSpec(
 EXPORTER_NEGATIVE_DURATIONS = MetricSpec(
     "celery_exporter_negative_durations_total",
     "counter",
-    "Durations that came out negative (clock skew between hosts) and were clamped to 0.",
+    "Durations more negative than the skew tolerance (clocks of producer and worker hosts "
+    "disagree), observed as 0. Smaller negatives are taken as 0 without being counted.",
     ("metric",),
+)
+EXPORTER_UNMEASURED = MetricSpec(
+    "celery_exporter_unmeasured_durations_total",
+    "counter",
+    "Durations not observed because their two ends could not be paired with certainty "
+    "(the event itself is still counted), by histogram and reason.",
+    ("metric", "reason"),
 )
 EXPORTER_QUEUE_PROBE_ERRORS = MetricSpec(
     "celery_exporter_queue_probe_errors_total",
@@ -234,6 +256,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     TASK_QUEUE_WAIT,
     TASK_LATENCY,
     WORKER_UP,
+    WORKER_LOST,
     WORKER_TASKS_ACTIVE,
     WORKER_TASKS_PROCESSED,
     WORKER_LAST_HEARTBEAT,
@@ -246,8 +269,10 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     EXPORTER_LAST_EVENT,
     EXPORTER_TASKS_TRACKED,
     EXPORTER_TASKS_EVICTED,
+    EXPORTER_WORKERS_EVICTED,
     EXPORTER_LABEL_OVERFLOW,
     EXPORTER_NEGATIVE_DURATIONS,
+    EXPORTER_UNMEASURED,
     EXPORTER_QUEUE_PROBE_ERRORS,
     EXPORTER_BACKLOG_BYTES,
     EXPORTER_BACKLOG_FULL,

@@ -16,10 +16,10 @@ from importlib.metadata import PackageNotFoundError, version
 from kombu import Connection
 
 from .collector import CONTENT_TYPE, Exposition
-from .config import ExporterConfig
+from .config import ExporterConfig, parse_listen_address
 from .consumer import BrokerStatus, EventConsumer
 from .control import WorkerControl
-from .http import MetricsServer, parse_listen_address
+from .http import MetricsServer
 from .queues import QueueLengths, QueueProbe
 from .tracker import Tracker
 from .webconfig import load_web_config

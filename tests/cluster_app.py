@@ -56,3 +56,49 @@ def sleep(seconds):
 @app.task(name="obs.reject", acks_late=True)
 def reject():
     raise Reject("not for us", requeue=False)
+
+
+# -- retries, as users write them (the workloads of the recorded streams and the differential
+#    test). Each takes its failure count as an argument so one task name covers one shape.
+
+
+class Flaky(Exception):
+    pass
+
+
+@app.task(
+    name="obs.autoretry",
+    bind=True,
+    autoretry_for=(Flaky,),
+    retry_backoff=1,
+    retry_backoff_max=2,
+    retry_jitter=False,
+    max_retries=5,
+)
+def autoretry(self, failures=2):
+    """autoretry_for with exponential backoff (1 s, 2 s): fails `failures` times, then succeeds."""
+    if self.request.retries < failures:
+        raise Flaky(f"attempt {self.request.retries}")
+    return self.request.retries
+
+
+@app.task(name="obs.retry_countdown", bind=True, max_retries=10)
+def retry_countdown(self, retries=1, countdown=1.0):
+    """self.retry(countdown=...) `retries` times, then succeeds (countdown=0: straight back)."""
+    if self.request.retries < retries:
+        raise self.retry(countdown=countdown)
+    return self.request.retries
+
+
+@app.task(name="obs.retry_exhaust", bind=True, max_retries=2)
+def retry_exhaust(self, countdown=0.2):
+    """Always retries: the third attempt fails with MaxRetriesExceededError."""
+    raise self.retry(countdown=countdown)
+
+
+@app.task(name="obs.retry_pow2", bind=True, max_retries=5)
+def retry_pow2(self, retries=3):
+    """self.retry(countdown=2 ** retries): 1 s, 2 s, 4 s."""
+    if self.request.retries < retries:
+        raise self.retry(countdown=2**self.request.retries)
+    return self.request.retries

@@ -11,9 +11,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter import metrics as m
 from exporter.collector import CeleryCollector, Exposition
+from exporter.config import Limits
 from exporter.consumer import BrokerStatus
 from exporter.queues import QueueLengths
-from exporter.tracker import Limits, Tracker
+from exporter.tracker import Tracker
 
 from test_tracker import Clock, ev, received, sent
 

@@ -15,7 +15,8 @@ import bcrypt
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
-from exporter.http import MetricsServer, parse_listen_address
+from exporter.config import parse_listen_address
+from exporter.http import MetricsServer
 from exporter.webconfig import WebConfigError, load_web_config
 
 from support import ExporterProcess, free_port, http_get, run_exporter_cli, wait_for

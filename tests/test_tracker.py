@@ -6,8 +6,13 @@ import math
 
 import pytest
 
+from exporter.config import Limits
+from exporter.fields import exception_class, parse_eta
 from exporter.metrics import DEFAULT_BUCKETS
-from exporter.tracker import Limits, Tracker, exception_class, parse_eta
+from exporter.tracker import Tracker, TrackerView
+
+WORKER = "w@h"
+KEY = ("app.add", "q1")
 
 
 class Clock:
@@ -21,8 +26,11 @@ class Clock:
         self.now += seconds
 
 
-def ev(kind: str, uuid: str = "t1", ts: float = 1_000.0, **fields: object) -> dict:
-    return {"type": kind, "uuid": uuid, "timestamp": ts, **fields}
+def ev(
+    kind: str, uuid: str = "t1", ts: float = 1_000.0, hostname: str = WORKER, **fields: object
+) -> dict:
+    """A worker-side event (main process of `hostname`)."""
+    return {"type": kind, "uuid": uuid, "timestamp": ts, "hostname": hostname, **fields}
 
 
 def sent(
@@ -33,14 +41,23 @@ def sent(
     **fields: object,
 ) -> dict:
     fields.setdefault("retries", 0)
-    return ev("task-sent", uuid, ts, name=name, queue=queue, **fields)
+    fields.setdefault("hostname", "gen1@producer")
+    return {
+        "type": "task-sent",
+        "uuid": uuid,
+        "timestamp": ts,
+        "name": name,
+        "queue": queue,
+        **fields,
+    }
 
 
 def received(
     uuid: str = "t1", ts: float = 1_000.0, name: str = "app.add", **fields: object
 ) -> dict:
     fields.setdefault("retries", 0)
-    return ev("task-received", uuid, ts, name=name, hostname="w@h", **fields)
+    fields.setdefault("hostname", WORKER)
+    return {"type": "task-received", "uuid": uuid, "timestamp": ts, "name": name, **fields}
 
 
 @pytest.fixture
@@ -53,8 +70,23 @@ def tracker(clock: Clock) -> Tracker:
     return Tracker(Limits(), clock=clock)
 
 
-def hist_count(table: dict, key: tuple) -> int:
-    return sum(table[key].counts)
+def state(tracker: Tracker) -> TrackerView:
+    """What a scrape would see now."""
+    tracker.tick()
+    return tracker.view()
+
+
+def counts(tracker: Tracker, kind: str) -> dict:
+    return dict(state(tracker).task_counts[kind])
+
+
+def observations(table, key) -> tuple[int, float]:
+    """(count, sum) of one histogram series, sum rounded to the microsecond."""
+    hist = table[key]
+    return sum(hist.counts), round(hist.sum, 6)
+
+
+# -- counting -----------------------------------------------------------------------------------
 
 
 def test_full_lifecycle_counts_and_durations(tracker: Tracker) -> None:
@@ -66,22 +98,246 @@ def test_full_lifecycle_counts_and_durations(tracker: Tracker) -> None:
             ev("task-succeeded", ts=104.0, runtime=0.75),
         ]
     )
-    key = ("app.add", "q1")
+    view = state(tracker)
     for kind in ("task-sent", "task-received", "task-started", "task-succeeded"):
-        assert tracker.task_counts[kind] == {key: 1}, kind
-    assert tracker.task_counts["task-failed"] == {}
-    assert tracker.runtime[(*key, "succeeded")].sum == 0.75
-    assert tracker.queue_wait[key].sum == 3.0  # sent -> started
-    assert tracker.latency[key].sum == 4.0  # sent -> succeeded
-    assert len(tracker.inflight) == 0
-    assert list(tracker.finished) == ["t1"]
+        assert view.task_counts[kind] == {KEY: 1}, kind
+    assert view.task_counts["task-failed"] == {}
+    assert observations(view.runtime, (*KEY, "succeeded")) == (1, 0.75)
+    assert observations(view.queue_wait, KEY) == (1, 3.0)  # sent -> started
+    assert observations(view.latency, KEY) == (1, 4.0)  # sent -> succeeded
+    assert view.tasks_tracked == 0
+    assert list(tracker.tasks.finished) == ["t1"]
 
 
 def test_histogram_buckets_are_le_inclusive(tracker: Tracker) -> None:
     tracker.handle_all([sent(), received(), ev("task-started"), ev("task-succeeded", runtime=1.0)])
-    hist = tracker.runtime[("app.add", "q1", "succeeded")]
+    hist = state(tracker).runtime[(*KEY, "succeeded")]
     assert hist.counts[DEFAULT_BUCKETS.index(1.0)] == 1
     assert sum(hist.counts) == 1
+
+
+def test_a_redelivered_event_is_counted_once(tracker: Tracker) -> None:
+    lifecycle = [
+        sent(),
+        received(),
+        ev("task-started", ts=1_001.0),
+        ev("task-succeeded", ts=1_002.0, runtime=0.1),
+    ]
+    tracker.handle_all([lifecycle[0], lifecycle[1], dict(lifecycle[1]), *lifecycle[2:]])
+    tracker.handle_all([dict(e) for e in lifecycle])  # the whole finished lifecycle again
+    view = state(tracker)
+    for kind in ("task-sent", "task-received", "task-started", "task-succeeded"):
+        assert view.task_counts[kind] == {KEY: 1}, kind
+    assert view.duplicates == {
+        "task-sent": 1,
+        "task-received": 2,
+        "task-started": 1,
+        "task-succeeded": 1,
+    }
+    assert observations(view.runtime, (*KEY, "succeeded")) == (1, 0.1)
+    assert observations(view.queue_wait, KEY) == (1, 1.0)
+
+
+def test_same_type_twice_with_another_timestamp_is_two_events(tracker: Tracker) -> None:
+    # A hard time limit: Celery sends task-failed from on_timeout and again from on_failure,
+    # ~1 ms apart. Celery's own Receiver counts both, so do we; the failure is measured once.
+    tb = "Traceback...\nbilliard.exceptions.TimeLimitExceeded: TimeLimitExceeded(1,)\n"
+    tracker.handle_all(
+        [
+            sent(ts=10.0),
+            received(ts=10.0),
+            ev("task-started", ts=10.5),
+            ev("task-failed", ts=11.5, exception="ExceptionWithTraceback()", traceback=tb),
+            ev("task-failed", ts=11.501, exception="ExceptionWithTraceback()", traceback=tb),
+        ]
+    )
+    view = state(tracker)
+    assert view.task_counts["task-failed"] == {(*KEY, "TimeLimitExceeded"): 2}
+    assert view.duplicates == {}
+    assert observations(view.runtime, (*KEY, "failed")) == (1, 1.0)
+    assert observations(view.latency, KEY) == (1, 1.5)
+    assert view.unmeasured == {}
+
+
+def test_events_of_other_workers_are_not_duplicates(tracker: Tracker) -> None:
+    # Two workers can stamp the same time; the hostname tells their events apart.
+    tracker.handle_all(
+        [
+            sent(),
+            received(ts=1.0, hostname="a@h"),
+            ev("task-rejected", ts=2.0, hostname="a@h", requeue=True),
+            received(ts=1.0, hostname="b@h"),
+            ev("task-rejected", ts=2.0, hostname="b@h", requeue=True),
+        ]
+    )
+    assert counts(tracker, "task-received") == {KEY: 2}
+    assert counts(tracker, "task-rejected") == {KEY: 2}
+
+
+# -- attempts: counted whatever their order, measured only where the pairing is certain ----------
+
+
+def prefork_retry(uuid: str = "t1") -> list[dict]:
+    """Two attempts as a real prefork worker orders them: the retry's task-sent (from the pool
+    child) overtakes attempt 0's task-started and task-retried (buffered by the main process)."""
+    return [
+        sent(uuid, ts=1.0),
+        received(uuid, ts=1.1),
+        sent(uuid, ts=1.3, retries=1, eta="1970-01-01T00:00:02+00:00"),  # countdown=0.7
+        ev("task-started", uuid, ts=1.2),
+        ev("task-retried", uuid, ts=1.31, exception="Retry()"),
+        received(uuid, ts=1.35, retries=1, eta="1970-01-01T00:00:02+00:00"),
+        ev("task-started", uuid, ts=2.1),
+        ev("task-succeeded", uuid, ts=2.15, runtime=0.05),
+    ]
+
+
+def test_a_retry_counts_every_attempt_and_measures_each(tracker: Tracker) -> None:
+    tracker.handle_all(prefork_retry())
+    view = state(tracker)
+    for kind, n in [("task-sent", 2), ("task-received", 2), ("task-started", 2)]:
+        assert view.task_counts[kind] == {KEY: n}, kind
+    assert view.task_counts["task-retried"] == {KEY: 1}
+    assert view.task_counts["task-succeeded"] == {KEY: 1}
+    # Per attempt: 1.2 - 1.0, then 2.1 - its ETA 2.0 (the countdown is not a queue wait).
+    assert observations(view.queue_wait, KEY) == (2, 0.3)
+    # Only the attempt that succeeded: its own runtime, not the countdown before it.
+    assert observations(view.runtime, (*KEY, "succeeded")) == (1, 0.05)
+    # First send to success; the retry's countdown is part of what the caller waited.
+    assert observations(view.latency, KEY) == (1, 1.15)
+    assert (view.duplicates, view.negative_durations, view.unmeasured) == ({}, {}, {})
+
+
+def test_the_next_attempt_received_before_this_one_ended_on_the_same_worker(
+    tracker: Tracker,
+) -> None:
+    # A worker with two threads holds attempt 1 (an ETA message) while attempt 0 still runs,
+    # and attempt 0's task-retried is stamped after attempt 1's task-received.
+    tracker.handle_all(
+        [
+            sent(ts=1.0),
+            received(ts=1.01),
+            ev("task-started", ts=1.02),
+            received(ts=1.05, retries=1, eta="1970-01-01T00:00:01.250000+00:00"),
+            sent(ts=1.04, retries=1, eta="1970-01-01T00:00:01.250000+00:00"),
+            ev("task-retried", ts=1.06),
+            ev("task-started", ts=1.26),
+            ev("task-failed", ts=1.5, exception="KeyError('x')"),
+        ]
+    )
+    view = state(tracker)
+    assert view.task_counts["task-started"] == {KEY: 2}
+    assert observations(view.queue_wait, KEY) == (2, 0.03)  # 0.02 + (1.26 - 1.25)
+    assert observations(view.runtime, (*KEY, "failed")) == (1, 0.24)  # 1.5 - 1.26
+    assert observations(view.latency, KEY) == (1, 0.5)
+    assert view.unmeasured == {}
+
+
+def test_a_worker_receives_the_retry_before_it_reports_the_first_start(
+    tracker: Tracker,
+) -> None:
+    # The main process may read the retry message off the broker before the pool child's
+    # "accepted" message: its events then say received(0), received(1), started, started.
+    tracker.handle_all(
+        [
+            sent(ts=1.0),
+            received(ts=1.1),
+            sent(ts=1.15, retries=1),
+            received(ts=1.2, retries=1),
+            ev("task-started", ts=1.25),
+            ev("task-retried", ts=1.3),
+            ev("task-started", ts=1.4),
+            ev("task-succeeded", ts=1.5, runtime=0.1),
+        ]
+    )
+    view = state(tracker)
+    assert observations(view.queue_wait, KEY) == (2, 0.5)  # 1.25 - 1.0, then 1.4 - 1.15
+    assert view.negative_durations == {}
+
+
+def test_attempts_only_move_forward(tracker: Tracker) -> None:
+    # A late task-sent(retries=2) after retries=3 is counted, and changes nothing else.
+    events = [
+        sent(ts=1.0),
+        *(sent(ts=1.0 + n, retries=n) for n in (1, 3)),
+        received(ts=4.1, retries=3),
+        sent(ts=3.0, retries=2),
+        ev("task-started", ts=4.2),
+        ev("task-retried", ts=4.3),
+    ]
+    tracker.handle_all(events)
+    view = state(tracker)
+    assert view.task_counts["task-sent"] == {KEY: 4}
+    assert view.task_counts["task-retried"] == {KEY: 1}
+    assert observations(view.queue_wait, KEY) == (1, 0.2)  # 4.2 - attempt 3's send at 4.0
+
+
+def test_an_event_that_cannot_be_placed_is_counted_and_measures_nothing(
+    tracker: Tracker,
+) -> None:
+    # The exporter started after the task-received: the start has no delivery to belong to.
+    tracker.handle_all(
+        [
+            sent(ts=1.0),
+            ev("task-started", ts=2.0),
+            ev("task-failed", ts=3.0, exception="E()"),
+        ]
+    )
+    view = state(tracker)
+    assert view.task_counts["task-started"] == {KEY: 1}
+    assert view.task_counts["task-failed"] == {(*KEY, "E"): 1}
+    assert view.queue_wait == {}
+    assert view.runtime == {}
+    assert observations(view.latency, KEY) == (1, 2.0)  # first send to failure is certain
+    assert view.unmeasured == {("queue_wait", "unplaced"): 1, ("runtime", "unplaced"): 1}
+
+
+def test_latency_needs_the_first_attempt(tracker: Tracker) -> None:
+    tracker.handle_all(
+        [
+            sent(ts=5.0, retries=2),
+            received(ts=5.1, retries=2),
+            ev("task-started", ts=5.2),
+            ev("task-succeeded", ts=5.3, runtime=0.1),
+        ]
+    )
+    view = state(tracker)
+    assert view.latency == {}
+    assert view.unmeasured == {("latency", "first_attempt_unseen"): 1}
+
+
+def test_a_start_that_overtakes_its_send_waits_for_it(tracker: Tracker) -> None:
+    tracker.handle_all(
+        [
+            sent(ts=1.0),
+            received(ts=1.1),
+            ev("task-started", ts=1.2),
+            ev("task-retried", ts=1.3),
+            received(ts=1.5, retries=1),
+            ev("task-started", ts=1.6),
+        ]
+    )
+    assert observations(state(tracker).queue_wait, KEY) == (1, 0.2)  # attempt 1 waits
+    tracker.handle(sent(ts=1.4, retries=1))
+    assert observations(state(tracker).queue_wait, KEY) == (2, 0.4)  # 0.2 + (1.6 - 1.4)
+
+
+def test_a_start_whose_send_never_comes_waits_from_its_receipt(tracker: Tracker) -> None:
+    tracker.handle_all(
+        [
+            sent(ts=1.0),
+            received(ts=1.1),
+            ev("task-started", ts=1.2),
+            ev("task-retried", ts=1.3),
+            received(ts=1.5, retries=1),
+            ev("task-started", ts=1.6),
+            ev("task-succeeded", ts=1.7, runtime=0.1),
+        ]
+    )
+    assert observations(state(tracker).queue_wait, KEY) == (2, 0.3)  # 0.2 + (1.6 - 1.5)
+
+
+# -- durations ----------------------------------------------------------------------------------
 
 
 def test_failed_task_runtime_comes_from_started_and_exception_class(tracker: Tracker) -> None:
@@ -93,38 +349,10 @@ def test_failed_task_runtime_comes_from_started_and_exception_class(tracker: Tra
             ev("task-failed", ts=13.5, exception="KeyError('x')"),
         ]
     )
-    assert tracker.task_counts["task-failed"] == {("app.add", "q1", "KeyError"): 1}
-    assert tracker.runtime[("app.add", "q1", "failed")].sum == 2.5
-    assert tracker.latency[("app.add", "q1")].sum == 3.5
-
-
-def test_worker_side_events_before_task_sent_wait_for_its_queue(tracker: Tracker) -> None:
-    # A fast worker's task-received often overtakes the producer's task-sent.
-    tracker.handle(received(ts=5.0))
-    assert tracker.task_counts["task-received"] == {}
-    tracker.handle(sent(ts=4.0))
-    assert tracker.task_counts["task-received"] == {("app.add", "q1"): 1}
-    assert tracker.task_counts["task-sent"] == {("app.add", "q1"): 1}
-
-
-def test_parked_events_are_counted_after_the_grace_period(tracker: Tracker, clock: Clock) -> None:
-    tracker.handle(received())
-    tracker.handle(ev("task-started", ts=1_002.0))
-    assert tracker.task_counts["task-started"] == {}
-    clock.advance(1.5)
-    tracker.release_expired()
-    assert tracker.task_counts["task-received"] == {("app.add", "unknown"): 1}
-    assert tracker.task_counts["task-started"] == {("app.add", "unknown"): 1}
-    # No task-sent: the wait is measured from task-received.
-    assert tracker.queue_wait[("app.add", "unknown")].sum == 2.0
-
-
-def test_without_task_sent_events_nothing_is_parked(clock: Clock) -> None:
-    tracker = Tracker(clock=clock)
-    clock.advance(301)  # five minutes without any task-sent
-    tracker.handle(received())
-    assert tracker.task_counts["task-received"] == {("app.add", "unknown"): 1}
-    assert not tracker.waiting
+    view = state(tracker)
+    assert view.task_counts["task-failed"] == {(*KEY, "KeyError"): 1}
+    assert observations(view.runtime, (*KEY, "failed")) == (1, 2.5)
+    assert observations(view.latency, KEY) == (1, 3.5)
 
 
 def test_eta_delay_is_not_queue_wait(tracker: Tracker) -> None:
@@ -137,67 +365,95 @@ def test_eta_delay_is_not_queue_wait(tracker: Tracker) -> None:
             ev("task-succeeded", ts=103.0, runtime=1.0),
         ]
     )
-    assert tracker.queue_wait[("app.add", "q1")].sum == 2.0
-    assert tracker.latency[("app.add", "q1")].sum == 3.0
+    view = state(tracker)
+    assert observations(view.queue_wait, KEY) == (1, 2.0)
+    assert observations(view.latency, KEY) == (1, 3.0)
 
 
-def test_negative_wait_from_clock_skew_is_clamped_and_counted(tracker: Tracker) -> None:
-    tracker.handle_all([sent(ts=50.0), received(ts=49.0), ev("task-started", ts=49.5)])
-    assert tracker.queue_wait[("app.add", "q1")].sum == 0.0
-    assert hist_count(tracker.queue_wait, ("app.add", "q1")) == 1
-    assert tracker.negative_durations == {"queue_wait": 1}
+def test_a_start_just_before_its_send_is_zero_not_skew(tracker: Tracker) -> None:
+    # task-sent is stamped after the publish: a quick worker starts "before" it.
+    tracker.handle_all([sent(ts=50.0), received(ts=49.99), ev("task-started", ts=49.995)])
+    view = state(tracker)
+    assert observations(view.queue_wait, KEY) == (1, 0.0)
+    assert view.negative_durations == {}
 
 
-def test_duplicate_events_are_counted_once(tracker: Tracker) -> None:
-    tracker.handle_all(
-        [
-            sent(),
-            received(),
-            received(),
-            ev("task-started"),
-            ev("task-started"),
-            ev("task-succeeded", runtime=0.1),
-            ev("task-succeeded", runtime=0.1),
-        ]
-    )
-    assert tracker.task_counts["task-received"] == {("app.add", "q1"): 1}
-    assert tracker.task_counts["task-started"] == {("app.add", "q1"): 1}
-    assert tracker.task_counts["task-succeeded"] == {("app.add", "q1"): 1}
-    assert tracker.duplicates == {"task-received": 1, "task-started": 1, "task-succeeded": 1}
-    assert hist_count(tracker.runtime, ("app.add", "q1", "succeeded")) == 1
+def test_clock_skew_past_the_tolerance_is_counted_and_observed_as_zero(
+    tracker: Tracker,
+) -> None:
+    tracker.handle_all([sent(ts=50.0), received(ts=45.0), ev("task-started", ts=45.5)])
+    view = state(tracker)
+    assert observations(view.queue_wait, KEY) == (1, 0.0)
+    assert view.negative_durations == {"queue_wait": 1}
 
 
-def test_hard_time_limit_double_failure_is_one_failure(tracker: Tracker) -> None:
-    tb = "Traceback...\nbilliard.exceptions.TimeLimitExceeded: TimeLimitExceeded(1,)\n"
-    failed = ev("task-failed", exception="ExceptionWithTraceback()", traceback=tb)
-    tracker.handle_all([sent(), received(), ev("task-started"), failed, dict(failed)])
-    assert tracker.task_counts["task-failed"] == {("app.add", "q1", "TimeLimitExceeded"): 1}
+# -- parking for the queue label ----------------------------------------------------------------
 
 
-def test_retry_as_prefork_orders_it(tracker: Tracker) -> None:
-    # Observed on a real prefork worker: the retry's task-sent/-received (published by the
-    # pool child) arrive before the main process's task-retried.
-    tracker.handle_all(
-        [
-            sent(ts=1.0),
-            received(ts=1.1),
-            ev("task-started", ts=1.2),
-            sent(ts=1.3, retries=1, eta="1970-01-01T00:00:01.400000+00:00"),
-            received(ts=1.35, retries=1),
-            ev("task-retried", ts=1.36, exception="Retry()"),
-            ev("task-started", ts=1.5),
-            ev("task-succeeded", ts=1.6, runtime=0.1),
-        ]
-    )
-    key = ("app.add", "q1")
-    assert tracker.task_counts["task-sent"] == {key: 2}
-    assert tracker.task_counts["task-received"] == {key: 2}
-    assert tracker.task_counts["task-started"] == {key: 2}
-    assert tracker.task_counts["task-retried"] == {key: 1}
-    assert tracker.task_counts["task-succeeded"] == {key: 1}
-    assert tracker.duplicates == {}
-    assert hist_count(tracker.queue_wait, key) == 2
-    assert tracker.queue_wait[key].sum == pytest.approx(0.2 + 0.1)  # 1.2-1.0, 1.5-eta 1.4
+def test_worker_side_events_before_task_sent_wait_for_its_queue(tracker: Tracker) -> None:
+    # A fast worker's task-received often overtakes the producer's task-sent.
+    tracker.handle(received(ts=5.0))
+    assert counts(tracker, "task-received") == {}
+    tracker.handle(sent(ts=4.0))
+    assert counts(tracker, "task-received") == {KEY: 1}
+    assert counts(tracker, "task-sent") == {KEY: 1}
+
+
+def test_parked_events_are_counted_after_the_grace_period(tracker: Tracker, clock: Clock) -> None:
+    tracker.handle(received())
+    tracker.handle(ev("task-started", ts=1_002.0))
+    assert counts(tracker, "task-started") == {}
+    clock.advance(1.5)
+    view = state(tracker)
+    assert view.task_counts["task-received"] == {("app.add", "unknown"): 1}
+    assert view.task_counts["task-started"] == {("app.add", "unknown"): 1}
+    # No task-sent: the wait is measured from task-received once the delivery ends.
+    assert view.queue_wait == {}
+    tracker.handle(ev("task-succeeded", ts=1_003.0, runtime=1.0))
+    assert observations(state(tracker).queue_wait, ("app.add", "unknown")) == (1, 2.0)
+
+
+def test_without_task_sent_events_nothing_is_parked_or_deferred(clock: Clock) -> None:
+    tracker = Tracker(clock=clock)
+    clock.advance(301)  # five minutes without any task-sent
+    tracker.handle_all([received(ts=1.0), ev("task-started", ts=1.5)])
+    view = state(tracker)
+    assert view.task_counts["task-received"] == {("app.add", "unknown"): 1}
+    assert observations(view.queue_wait, ("app.add", "unknown")) == (1, 0.5)
+    assert not tracker.tasks.waiting
+
+
+def test_parked_events_survive_their_record_being_evicted(clock: Clock) -> None:
+    tracker = Tracker(Limits(max_tracked_tasks=2), clock=clock)
+    tracker.handle(received(uuid="a"))
+    tracker.handle(received(uuid="b"))
+    tracker.handle(received(uuid="c"))  # evicts a's record while a's event is parked
+    tracker.handle(ev("task-started", "a"))
+    clock.advance(2)
+    view = state(tracker)
+    assert view.task_counts["task-received"] == {("app.add", "unknown"): 3}
+    # Replayed in order, a's events rebuild its record: the name survives the eviction.
+    assert view.task_counts["task-started"] == {("app.add", "unknown"): 1}
+    # c evicts a; replaying a, b, c then evicts b, c, a in turn: a 2-slot table churns.
+    assert view.tasks_evicted == 4
+
+
+def test_parking_and_liveness_ignore_wall_clock_steps() -> None:
+    wall, mono = Clock(1_000_000.0), Clock(50.0)
+    tracker = Tracker(Limits(worker_timeout=10), clock=wall, monotonic=mono)
+    tracker.handle(received())
+    tracker.handle({"type": "worker-heartbeat", "hostname": WORKER})
+    wall.advance(-3600)  # NTP steps the wall clock back an hour
+    mono.advance(2)
+    view = state(tracker)
+    assert view.task_counts["task-received"] == {("app.add", "unknown"): 1}
+    [worker] = view.workers
+    assert (worker.up, worker.last_seen) == (True, 1_000_000.0)  # exported as wall time
+    mono.advance(9)
+    assert [w.state for w in state(tracker).workers] == ["lost"]
+
+
+# -- special lifecycles -------------------------------------------------------------------------
 
 
 def test_unknown_task_takes_its_name_from_not_registered(tracker: Tracker, clock: Clock) -> None:
@@ -209,11 +465,13 @@ def test_unknown_task_takes_its_name_from_not_registered(tracker: Tracker, clock
         ]
     )
     clock.advance(2)  # t2's task-sent never comes
-    tracker.release_expired()
-    assert tracker.task_counts["task-failed"] == {
+    view = state(tracker)
+    assert view.task_counts["task-failed"] == {
         ("no.such.task", "q1", "NotRegistered"): 1,
         ("other.task", "unknown", "NotRegistered"): 1,
     }
+    assert view.runtime == {}  # it never ran: nothing to measure, nothing missing
+    assert view.unmeasured == {("latency", "first_attempt_unseen"): 1}  # t2: no send, no receipt
 
 
 def test_revoked_before_received_and_rejected(tracker: Tracker) -> None:
@@ -227,10 +485,45 @@ def test_revoked_before_received_and_rejected(tracker: Tracker) -> None:
             ev("task-rejected", uuid="j1", requeue=True),
         ]
     )
-    assert tracker.task_counts["task-revoked"] == {("app.add", "q1"): 1}
-    assert tracker.task_counts["task-rejected"] == {("app.add", "q1"): 1}
-    assert "j1" in tracker.inflight  # requeued: it will be delivered again
-    assert "r1" not in tracker.inflight
+    view = state(tracker)
+    assert view.task_counts["task-revoked"] == {KEY: 1}
+    assert view.task_counts["task-rejected"] == {KEY: 1}
+    assert "j1" in tracker.tasks.inflight  # requeued: it will be delivered again
+    assert "r1" not in tracker.tasks.inflight
+
+
+def test_a_reused_task_id_is_a_new_run_not_a_duplicate(tracker: Tracker) -> None:
+    for night in range(2):  # apply_async(task_id="nightly-report") on two nights
+        t = night * 86_400.0
+        tracker.handle_all(
+            [
+                sent(uuid="nightly", ts=t),
+                received(uuid="nightly", ts=t + 1),
+                ev("task-started", "nightly", ts=t + 2),
+                ev("task-succeeded", "nightly", ts=t + 3, runtime=1.0),
+            ]
+        )
+    view = state(tracker)
+    assert view.task_counts["task-succeeded"] == {KEY: 2}
+    assert view.task_counts["task-sent"] == {KEY: 2}
+    assert view.duplicates == {}
+    assert observations(view.latency, KEY) == (2, 6.0)
+
+
+def test_a_late_task_sent_for_a_finished_task_is_still_counted_once(
+    tracker: Tracker, clock: Clock
+) -> None:
+    tracker.handle_all([received(), ev("task-started"), ev("task-succeeded", runtime=0.1)])
+    clock.advance(2)
+    tracker.tick()
+    tracker.handle(sent())
+    view = state(tracker)
+    assert view.task_counts["task-sent"] == {KEY: 1}
+    assert view.task_counts["task-succeeded"] == {("app.add", "unknown"): 1}
+    assert view.duplicates == {}
+
+
+# -- bad input costs only itself ----------------------------------------------------------------
 
 
 def test_missing_and_bad_fields_are_counted_not_fatal(tracker: Tracker) -> None:
@@ -243,9 +536,10 @@ def test_missing_and_bad_fields_are_counted_not_fatal(tracker: Tracker) -> None:
             {"type": "something-else"},
         ]
     )
-    assert tracker.malformed == {"missing_uuid": 2, "missing_hostname": 1}
-    assert tracker.events_by_type["other"] == 1
-    assert tracker.event_types.overflow == 1
+    view = state(tracker)
+    assert view.malformed == {"missing_uuid": 2, "missing_hostname": 1}
+    assert view.events_by_type["other"] == 1
+    assert view.label_overflows["type"] == 1
 
 
 def test_fields_of_the_wrong_type_never_stop_the_tracker(tracker: Tracker, clock: Clock) -> None:
@@ -263,15 +557,41 @@ def test_fields_of_the_wrong_type_never_stop_the_tracker(tracker: Tracker, clock
             {"type": "task-received", "uuid": ["not", "hashable"], "name": "n"},
             {"type": "task-started", "uuid": "z", "timestamp": None},
             {"type": "task-succeeded", "uuid": "z", "timestamp": 1.0, "runtime": "fast"},
-            {"type": "worker-heartbeat", "hostname": "w@h", "active": "many"},
+            {"type": "worker-heartbeat", "hostname": WORKER, "active": "many"},
         ]
     )
     clock.advance(2)
-    tracker.release_expired()
-    assert tracker.task_counts["task-sent"] == {("unknown", "unknown"): 1}
-    assert tracker.task_counts["task-succeeded"] == {("unknown", "unknown"): 1}
-    assert tracker.malformed == {"missing_uuid": 1}
-    assert [v.active for v in tracker.worker_views()] == [0]
+    view = state(tracker)
+    assert view.task_counts["task-sent"] == {("unknown", "unknown"): 1}
+    assert view.task_counts["task-started"] == {("unknown", "unknown"): 1}
+    assert view.task_counts["task-succeeded"] == {("unknown", "unknown"): 1}
+    assert view.malformed == {"missing_uuid": 1}
+    assert [w.active for w in view.workers] == [0]
+
+
+def test_values_no_event_should_hold_are_counted_and_skipped(tracker: Tracker) -> None:
+    tracker.handle_all(
+        [
+            {"type": "task-received", "uuid": ""},
+            sent(uuid="x"),
+            received(uuid="x"),
+            ev("task-started", "x", ts=1.0),
+            ev("task-succeeded", "x", ts=float("inf"), runtime=10**400),
+            sent(uuid="y", ts=-1e308),
+            ev("task-failed", "y", ts=1e308, exception="E()"),
+        ]
+    )
+    view = state(tracker)
+    assert view.task_counts["task-succeeded"] == {KEY: 1}
+    assert view.task_counts["task-failed"] == {(*KEY, "E"): 1}
+    assert all(math.isfinite(h.sum) for t in (view.runtime, view.latency) for h in t.values())
+    # "" as uuid; a runtime past float range (no runtime, and an infinite finish has no
+    # latency either); a latency of 2e308 (infinite).
+    assert view.malformed == {"missing_uuid": 1, "bad_field": 1, "non_finite": 1}
+    assert view.tasks_tracked == 0
+
+
+# -- bounds -------------------------------------------------------------------------------------
 
 
 def test_label_limits_map_overflow_to_other_and_count_it(clock: Clock) -> None:
@@ -279,14 +599,15 @@ def test_label_limits_map_overflow_to_other_and_count_it(clock: Clock) -> None:
     for i, name in enumerate(["a", "b", "c", "d"]):
         tracker.handle(sent(uuid=f"u{i}", name=name))
         tracker.handle(ev("task-failed", uuid=f"u{i}", exception=f"E{i}()"))
-    assert tracker.task_counts["task-sent"] == {("a", "q1"): 1, ("b", "q1"): 1, ("other", "q1"): 2}
-    assert tracker.task_counts["task-failed"] == {
+    view = state(tracker)
+    assert view.task_counts["task-sent"] == {("a", "q1"): 1, ("b", "q1"): 1, ("other", "q1"): 2}
+    assert view.task_counts["task-failed"] == {
         ("a", "q1", "E0"): 1,
         ("b", "q1", "other"): 1,
         ("other", "q1", "other"): 2,
     }
-    assert tracker.label_overflows()["name"] == 2
-    assert tracker.label_overflows()["exception"] == 3
+    assert view.label_overflows["name"] == 2
+    assert view.label_overflows["exception"] == 3
 
 
 def test_memory_is_bounded_however_many_task_ids_pass(clock: Clock) -> None:
@@ -295,40 +616,65 @@ def test_memory_is_bounded_however_many_task_ids_pass(clock: Clock) -> None:
         tracker.handle(sent(uuid=f"done-{i}"))
         tracker.handle(ev("task-succeeded", uuid=f"done-{i}", runtime=0.01))
         tracker.handle(sent(uuid=f"lost-{i}"))  # never finishes
-    assert len(tracker.inflight) == 1_000
-    assert len(tracker.finished) == 500
-    assert tracker.evicted == 19_000
-    assert tracker.task_counts["task-succeeded"] == {("app.add", "q1"): 20_000}
+    view = state(tracker)
+    assert len(tracker.tasks.inflight) == view.tasks_tracked == 1_000
+    assert len(tracker.tasks.finished) == 500
+    assert view.tasks_evicted == 19_000
+    assert view.task_counts["task-succeeded"] == {KEY: 20_000}
 
 
-def test_worker_liveness_timeout_offline_and_retention(clock: Clock) -> None:
+# -- workers ------------------------------------------------------------------------------------
+
+
+def test_worker_offline_is_graceful_and_silence_is_lost(clock: Clock) -> None:
     tracker = Tracker(Limits(worker_timeout=10, worker_retention=3600), clock=clock)
     tracker.handle({"type": "worker-online", "hostname": "a@h", "active": 0})
     tracker.handle({"type": "worker-heartbeat", "hostname": "b@h", "active": 3, "processed": 7})
-    views = {v.hostname: v for v in tracker.worker_views()}
-    assert (views["a@h"].up, views["b@h"].up, views["b@h"].active) == (True, True, 3)
-    assert views["b@h"].processed == 7
+    workers = {w.hostname: w for w in state(tracker).workers}
+    assert (workers["a@h"].state, workers["b@h"].state, workers["b@h"].active) == (
+        "online",
+        "online",
+        3,
+    )
+    assert workers["b@h"].processed == 7
 
-    tracker.handle({"type": "worker-offline", "hostname": "a@h"})
+    tracker.handle({"type": "worker-offline", "hostname": "a@h"})  # scale-in: says goodbye
     clock.advance(10.5)  # b missed its heartbeats past the timeout
-    views = {v.hostname: v for v in tracker.worker_views()}
-    assert (views["a@h"].up, views["b@h"].up, views["b@h"].active) == (False, False, 0)
+    workers = {w.hostname: w for w in state(tracker).workers}
+    assert (workers["a@h"].state, workers["b@h"].state, workers["b@h"].active) == (
+        "offline",
+        "lost",
+        0,
+    )
+    assert not workers["a@h"].up and not workers["b@h"].up
 
     clock.advance(3590)  # a: offline 3600.5 s ago -> dropped; b: down since t+10 -> kept
-    assert [v.hostname for v in tracker.worker_views()] == ["b@h"]
+    assert [w.hostname for w in state(tracker).workers] == ["b@h"]
     clock.advance(10)  # b: down since t+10, now 3600.5 s ago
-    assert tracker.worker_views() == []
+    assert state(tracker).workers == []
 
     tracker.handle({"type": "worker-heartbeat", "hostname": "b@h", "active": 1})
-    assert [(v.hostname, v.up) for v in tracker.worker_views()] == [("b@h", True)]
+    assert [(w.hostname, w.state) for w in state(tracker).workers] == [("b@h", "online")]
 
 
-def test_worker_table_is_bounded(clock: Clock) -> None:
-    tracker = Tracker(Limits(max_workers=2), clock=clock)
-    for i in range(5):
-        tracker.handle({"type": "worker-heartbeat", "hostname": f"w{i}@h"})
-    assert sorted(tracker.workers) == ["w0@h", "w1@h"]
-    assert tracker.label_overflows()["hostname"] == 3
+def test_a_full_worker_table_makes_room_from_down_workers_first(clock: Clock) -> None:
+    tracker = Tracker(Limits(max_workers=3, worker_timeout=10), clock=clock)
+    for name in ("old", "gone", "live"):
+        tracker.handle({"type": "worker-heartbeat", "hostname": f"{name}@h"})
+        clock.advance(1)
+    tracker.handle({"type": "worker-offline", "hostname": "gone@h"})
+    clock.advance(9.5)  # old: silent 11.5 s (lost since t+10); live: 9.5 s (up)
+    tracker.handle({"type": "worker-heartbeat", "hostname": "live@h"})
+    tracker.handle({"type": "worker-heartbeat", "hostname": "new1@h"})  # evicts old (down first)
+    tracker.handle({"type": "worker-heartbeat", "hostname": "new2@h"})  # evicts gone
+    tracker.handle({"type": "worker-heartbeat", "hostname": "new3@h"})  # all up: refused
+    view = state(tracker)
+    assert sorted(w.hostname for w in view.workers) == ["live@h", "new1@h", "new2@h"]
+    assert view.workers_evicted == 2
+    assert view.label_overflows["hostname"] == 1
+
+
+# -- field parsing ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -356,77 +702,3 @@ def test_parse_eta() -> None:
     assert parse_eta("1970-01-01T00:01:00") == 60.0  # naive: UTC
     assert parse_eta("not a date") is None
     assert parse_eta(None) is None
-
-
-def test_a_reused_task_id_is_a_new_run_not_a_duplicate(tracker: Tracker) -> None:
-    for _ in range(2):  # apply_async(task_id="nightly-report") on two nights
-        tracker.handle_all(
-            [
-                sent(uuid="nightly"),
-                received(uuid="nightly"),
-                ev("task-started", "nightly"),
-                ev("task-succeeded", "nightly"),
-            ]
-        )
-    assert tracker.task_counts["task-succeeded"] == {("app.add", "q1"): 2}
-    assert tracker.task_counts["task-sent"] == {("app.add", "q1"): 2}
-    assert tracker.duplicates == {}
-
-
-def test_a_late_task_sent_for_a_finished_task_is_still_counted_once(tracker: Tracker) -> None:
-    tracker.handle_all([received(), ev("task-started"), ev("task-succeeded", runtime=0.1)])
-    tracker.release_expired(tracker.monotonic() + 2)
-    tracker.handle(sent())
-    assert tracker.task_counts["task-sent"] == {("app.add", "q1"): 1}
-    assert tracker.task_counts["task-succeeded"] == {("app.add", "unknown"): 1}
-    assert tracker.duplicates == {}
-
-
-def test_parking_and_liveness_ignore_wall_clock_steps() -> None:
-    wall, mono = Clock(1_000_000.0), Clock(50.0)
-    tracker = Tracker(Limits(worker_timeout=10), clock=wall, monotonic=mono)
-    tracker.handle(received())
-    tracker.handle({"type": "worker-heartbeat", "hostname": "w@h"})
-    wall.advance(-3600)  # NTP steps the wall clock back an hour
-    mono.advance(2)
-    tracker.release_expired()
-    assert tracker.task_counts["task-received"] == {("app.add", "unknown"): 1}
-    [view] = tracker.worker_views()
-    assert (view.up, view.last_seen) == (True, 1_000_000.0)  # exported as wall time
-    mono.advance(9)
-    assert [v.up for v in tracker.worker_views()] == [False]
-
-
-def test_parked_events_survive_their_record_being_evicted(clock: Clock) -> None:
-    tracker = Tracker(Limits(max_tracked_tasks=2), clock=clock)
-    tracker.handle(received(uuid="a"))
-    tracker.handle(received(uuid="b"))
-    tracker.handle(received(uuid="c"))  # evicts a's record while a's event is parked
-    tracker.handle(ev("task-started", "a"))
-    clock.advance(2)
-    tracker.release_expired()
-    assert tracker.task_counts["task-received"] == {("app.add", "unknown"): 3}
-    # Replayed in order, a's events rebuild its record: the name survives the eviction.
-    assert tracker.task_counts["task-started"] == {("app.add", "unknown"): 1}
-    # c evicts a; replaying a, b, c then evicts b, c, a in turn: a 2-slot table churns.
-    assert tracker.evicted == 4
-
-
-def test_values_no_event_should_hold_are_counted_and_skipped(tracker: Tracker, clock) -> None:
-    tracker.handle_all(
-        [
-            {"type": "task-received", "uuid": ""},
-            sent(uuid="x"),
-            received(uuid="x"),
-            ev("task-started", "x", ts=1.0),
-            ev("task-succeeded", "x", ts=float("inf"), runtime=10**400),
-            sent(uuid="y"),
-            ev("task-failed", "y", ts=float("nan"), exception="E()"),
-        ]
-    )
-    assert tracker.task_counts["task-succeeded"] == {("app.add", "q1"): 1}
-    assert tracker.task_counts["task-failed"] == {("app.add", "q1", "E"): 1}
-    assert all(math.isfinite(h.sum) for t in (tracker.runtime, tracker.latency) for h in t.values())
-    # "" as uuid; a runtime past float range; a NaN finish time (its latency is skipped).
-    assert tracker.malformed == {"missing_uuid": 1, "bad_field": 1, "non_finite": 1}
-    assert len(tracker.inflight) == 0

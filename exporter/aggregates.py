@@ -1,0 +1,94 @@
+"""What the task counters and histograms hold: per-label counts and per-bucket observations.
+
+This is the state a scrape renders. Label values pass through bounded `LabelLimiter`s, so the
+number of series is bounded by configuration however many names, queues or exception classes
+the cluster produces; what overflowed is counted.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left
+from collections.abc import Iterable
+
+from .metrics import OVERFLOW_LABEL, UNKNOWN_LABEL
+from .vocabulary import TASK_EVENTS
+
+LabelKey = tuple[str, ...]
+
+
+class LabelLimiter:
+    """Pass through the first `limit` distinct values, map the rest to `other` and count them."""
+
+    __slots__ = ("limit", "overflow", "values")
+
+    def __init__(self, limit: int, preset: Iterable[str] = ()) -> None:
+        self.limit = limit
+        # value -> the first instance seen: records then share one string per name instead of
+        # each holding the copy its event was decoded into (~70 bytes per tracked task).
+        self.values: dict[str, str] = {v: v for v in preset}
+        self.overflow = 0
+
+    def __call__(self, value: object) -> str:
+        if not isinstance(value, str) or not value:
+            return UNKNOWN_LABEL
+        known = self.values.get(value)
+        if known is not None:
+            return known
+        if len(self.values) < self.limit:
+            self.values[value] = value
+            return value
+        self.overflow += 1
+        return OVERFLOW_LABEL
+
+
+class Histogram:
+    """Per-bucket (not cumulative) counts plus sum; the collector accumulates at scrape time."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self, nbuckets: int) -> None:
+        self.counts = [0] * (nbuckets + 1)  # the last slot is +Inf
+        self.sum = 0.0
+
+
+class TaskMetrics:
+    """Task counters by (event type, labels) and the three duration histograms."""
+
+    def __init__(
+        self,
+        buckets: Iterable[float],
+        max_task_names: int,
+        max_queues: int,
+        max_exceptions: int,
+    ) -> None:
+        self.buckets = tuple(sorted(buckets))
+        self.task_names = LabelLimiter(max_task_names)
+        self.queues = LabelLimiter(max_queues)
+        self.exceptions = LabelLimiter(max_exceptions)
+        self.counts: dict[str, dict[LabelKey, int]] = {kind: {} for kind in TASK_EVENTS}
+        self.runtime: dict[LabelKey, Histogram] = {}
+        self.queue_wait: dict[LabelKey, Histogram] = {}
+        self.latency: dict[LabelKey, Histogram] = {}
+
+    def count(self, kind: str, key: LabelKey) -> None:
+        counts = self.counts[kind]
+        counts[key] = counts.get(key, 0) + 1
+
+    def observe(self, table: dict[LabelKey, Histogram], key: LabelKey, value: float) -> bool:
+        """Add one observation; False (nothing added) if the value is not a finite number."""
+        if not math.isfinite(value):
+            return False
+        hist = table.get(key)
+        if hist is None:
+            hist = table[key] = Histogram(len(self.buckets))
+        hist.counts[bisect_left(self.buckets, value)] += 1
+        hist.sum += value
+        return True
+
+    def label_overflows(self) -> dict[str, int]:
+        return {
+            "name": self.task_names.overflow,
+            "exception": self.exceptions.overflow,
+            "queue_name": self.queues.overflow,
+        }

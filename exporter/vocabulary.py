@@ -1,0 +1,49 @@
+"""The event types the exporter understands, and what each one means for a task's story.
+
+One table instead of knowledge spread over handlers: which events carry the attempt number
+(`retries`), which end a delivery of the task to a worker, which end the task for good. Celery's
+own sources decide it (celery/app/amqp.py for task-sent, celery/worker/strategy.py for
+task-received, celery/worker/request.py for the rest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TaskEventType:
+    name: str
+    #: The event carries `retries`, the attempt number (only task-sent and task-received do).
+    numbered: bool = False
+    #: The event closes one delivery of the task to a worker (the attempt ran, or will not run).
+    ends_delivery: bool = False
+    #: After this event nothing more is expected for the task id (unless it is sent again).
+    final: bool = False
+
+
+TASK_EVENTS: dict[str, TaskEventType] = {
+    t.name: t
+    for t in (
+        TaskEventType("task-sent", numbered=True),
+        TaskEventType("task-received", numbered=True),
+        TaskEventType("task-started"),
+        TaskEventType("task-succeeded", ends_delivery=True, final=True),
+        # A hard time limit makes Celery send task-failed twice for one delivery; both are
+        # events of the stream and both are counted (the second measures nothing).
+        TaskEventType("task-failed", ends_delivery=True, final=True),
+        # The retry itself is a new task-sent (retries + 1) from the worker.
+        TaskEventType("task-retried", ends_delivery=True),
+        TaskEventType("task-revoked", ends_delivery=True, final=True),
+        # Final unless requeued (`requeue=True`): the tracker looks at the field.
+        TaskEventType("task-rejected", ends_delivery=True, final=True),
+    )
+}
+
+WORKER_EVENTS = frozenset({"worker-online", "worker-heartbeat", "worker-offline"})
+
+#: Every type counted under its own name in `celery_exporter_events_total`; anything else is
+#: counted as `other` (a bounded label however many types a sender invents).
+#: task-cancelled is known but not a counter: Celery sends it for a task whose worker lost its
+#: broker connection before running it, and the message is delivered again.
+KNOWN_EVENT_TYPES = frozenset({*TASK_EVENTS, "task-cancelled", *WORKER_EVENTS})
