@@ -85,11 +85,12 @@ def build(kibana_url: str) -> g.Dashboard:
         ),
         stat(
             grid,
-            "Workers down",
-            f"count({selector(m.WORKER_UP)} == 0) or vector(0)",
+            "Workers lost",
+            f"count({selector(m.WORKER_LOST)} == 1) or vector(0)",
             width=6,
             height=4,
-            description="Workers silent past --worker-timeout, kept for the retention.",
+            description="Workers silent past --worker-timeout without a warm shutdown (killed, "
+            "OOM, lost node), kept for the retention. Workers shut down warmly are not lost.",
             thresholds=[{"color": "green", "value": None}, {"color": "red", "value": 1}],
         ),
         timeseries(

@@ -28,17 +28,28 @@ def build(kibana_url: str) -> g.Dashboard:
             title="Worker liveness",
             dataSource=DATASOURCE,
             gridPos=grid.pos(24, 8),
-            targets=targets([(f"max by (hostname) ({selector(m.WORKER_UP)})", "{{hostname}}")]),
+            # 1 up, 0 shut down warmly (worker-offline), 2 lost (lost implies not up).
+            targets=targets(
+                [
+                    (
+                        f"max by (hostname) ({selector(m.WORKER_UP)})"
+                        f" + 2 * max by (hostname) ({selector(m.WORKER_LOST)})",
+                        "{{hostname}}",
+                    )
+                ]
+            ),
             mappings=[
                 {
                     "type": "value",
                     "options": {
-                        "0": {"text": "down", "color": "red"},
+                        "0": {"text": "offline", "color": "text"},
                         "1": {"text": "up", "color": "green"},
+                        "2": {"text": "lost", "color": "red"},
                     },
                 }
             ],
-            description="Up while heartbeats arrive; down after the worker timeout or offline.",
+            description="Up while heartbeats arrive; offline after a warm shutdown "
+            "(worker-offline); lost when heartbeats stopped without one (killed, OOM, lost node).",
         ),
         timeseries(
             grid,

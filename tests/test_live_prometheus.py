@@ -1,6 +1,6 @@
-"""Proven live: a real Prometheus scrapes the exporter watching a real worker on Redis, loads our
+"""Proven live: a real Prometheus scrapes the exporter watching real workers on Redis, loads our
 rules (alert durations shortened for the test), and every recording rule returns data; a
-SIGKILLed worker drives CeleryWorkerDown to firing."""
+SIGKILLed worker drives CeleryWorkerDown to firing, a warm shutdown never even makes it pending."""
 
 from __future__ import annotations
 
@@ -129,7 +129,9 @@ def test_rules_and_dashboards_return_data_and_a_killed_worker_fires(
 ):
     exporter = start_exporter(redis_url, "--worker-timeout", "3")
     worker = start_worker(redis_url, queue)
+    scaled_in = start_worker(redis_url, queue, "scaled-in")
     exporter.wait_value("celery_worker_up", 1, hostname=worker.hostname)
+    exporter.wait_value("celery_worker_up", 1, hostname=scaled_in.hostname)
     prometheus = prometheus_for(f"127.0.0.1:{exporter.port}")
 
     wait_for(lambda: prometheus.query('up{job="celery-exporter"} == 1'), 30, "a first scrape")
@@ -180,6 +182,17 @@ def test_rules_and_dashboards_return_data_and_a_killed_worker_fires(
     )
     assert [float(s["value"][1]) for s in ratio] == [1.0]
 
+    # A scale-in: the worker shuts down warmly (worker-offline) and is down, not lost.
+    scaled_in.signal(signal.SIGTERM)
+    assert scaled_in.wait(20) == 0
+    graceful = f'hostname="{scaled_in.hostname}"'
+    wait_for(
+        lambda: prometheus.query(f"celery_worker_up{{{graceful}}} == 0"),
+        30,
+        "the scaled-in worker scraped as down",
+    )
+    assert prometheus.query(f"celery_worker_lost{{{graceful}}} == 0")
+
     worker.signal(signal.SIGKILL)
 
     def firing() -> bool:
@@ -192,3 +205,10 @@ def test_rules_and_dashboards_return_data_and_a_killed_worker_fires(
         )
 
     wait_for(firing, 60, "CeleryWorkerDown firing for the killed worker", interval=0.5)
+    # The scaled-in worker has been down longer than the killed one: had the alert looked at
+    # celery_worker_up, it would have fired for it first. ALERTS keeps every pending state.
+    assert prometheus.query(f'ALERTS{{alertname="CeleryWorkerDown",{graceful}}}') == []
+    assert (
+        prometheus.query(f'max_over_time(ALERTS{{alertname="CeleryWorkerDown",{graceful}}}[10m])')
+        == []
+    )
