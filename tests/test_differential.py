@@ -1,0 +1,134 @@
+"""Celery is the reference: its own `app.events.Receiver`, attached to the same event stream as the
+exporter, while a real prefork worker and a real threads worker run a concurrent, retry-heavy
+workload. Every (task name, event type) count of the exporter equals the Receiver's.
+
+The workload is the one the recorded streams were made from (tests/record_streams.py): autoretry
+with backoff, countdown retries, exhausted retries, countdown=0 retries during a burst and
+`countdown=2 ** retries`, plus failures, a hard time limit, a reject, an unknown task, ETA tasks
+and canvas.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+from celery import Celery
+
+from record_streams import FINAL, WORKLOADS
+from support import ExporterProcess, WorkerProcess, producer, wait_for
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+class ReferenceReceiver:
+    """Celery's Receiver counting every task event by (task name, type), in a thread."""
+
+    def __init__(self, broker_url: str) -> None:
+        self.app = Celery(broker=broker_url, set_as_current=False)
+        self.names: dict[str, str] = {}
+        self.events: list[dict] = []
+        self.lock = threading.Lock()
+        self.connection = self.app.connection_for_read()
+        self.receiver = self.app.events.Receiver(self.connection, handlers={"*": self._on_event})
+        self.thread = threading.Thread(target=self._capture, daemon=True)
+        self.thread.start()
+
+    def _capture(self) -> None:
+        self.receiver.capture(limit=None, timeout=None, wakeup=False)
+
+    def _on_event(self, event: dict) -> None:
+        with self.lock:
+            self.events.append(event)
+            if event.get("name") and event.get("uuid"):
+                self.names[event["uuid"]] = event["name"]
+
+    def seen(self, kind: str, hostname: str) -> bool:
+        with self.lock:
+            return any(e["type"] == kind and e.get("hostname") == hostname for e in self.events)
+
+    def finished_tasks(self) -> int:
+        with self.lock:
+            return len({e["uuid"] for e in self.events if e["type"] in FINAL})
+
+    def counts(self) -> Counter:
+        with self.lock:
+            return Counter(
+                (self.names.get(e.get("uuid"), "unknown"), e["type"])
+                for e in self.events
+                if e["type"].startswith("task-")
+            )
+
+    def close(self) -> None:
+        self.receiver.should_stop = True
+        self.thread.join(5)
+        self.connection.release()
+
+
+@pytest.fixture
+def reference(broker_url: str) -> Iterator[ReferenceReceiver]:
+    receiver = ReferenceReceiver(broker_url)
+    yield receiver
+    receiver.close()
+
+
+def exporter_counts(exporter: ExporterProcess) -> Counter:
+    scrape = exporter.scrape()
+    counted: Counter = Counter()
+    for kind in ("sent", "received", "started", "succeeded", "failed", "retried", "revoked"):
+        for labels, value in scrape.samples.get(f"celery_task_{kind}_total", {}).items():
+            counted[(dict(labels)["name"], f"task-{kind}")] += int(value)
+    for labels, value in scrape.samples.get("celery_task_rejected_total", {}).items():
+        counted[(dict(labels)["name"], "task-rejected")] += int(value)
+    return counted
+
+
+def test_the_exporter_counts_what_celerys_own_receiver_counts(
+    broker_url: str,
+    queue: str,
+    reference: ReferenceReceiver,
+    start_exporter,
+    start_worker,
+) -> None:
+    exporter = start_exporter(broker_url, "--worker-timeout", "10")
+    workers: list[WorkerProcess] = [
+        start_worker(broker_url, f"{queue},{queue}_prefork", "diff-prefork"),
+        start_worker(broker_url, queue, "diff-threads", pool="threads", concurrency=2),
+    ]
+    for worker in workers:  # both sides subscribed before the first task is sent
+        exporter.wait_value("celery_worker_up", 1, timeout=60, hostname=worker.hostname)
+        wait_for(lambda w=worker: reference.seen("worker-online", w.hostname), 30, "Receiver")
+
+    app = producer(broker_url, queue)
+    app.conf.task_routes = {"obs.sleep": {"queue": f"{queue}_prefork"}}
+    expected = sum(send(app) for send in WORKLOADS["retries"] + WORKLOADS["lifecycles"])
+    wait_for(lambda: reference.finished_tasks() >= expected, 120, f"{expected} tasks finished")
+    for worker in workers:  # a warm shutdown sends what the workers still buffer
+        worker.close()
+    for worker in workers:
+        wait_for(lambda w=worker: reference.seen("worker-offline", w.hostname), 30, "offline")
+
+    truth = reference.counts()
+    assert truth[("obs.retry_pow2", "task-started")] == 16  # the workload ran as designed
+    assert truth[("obs.retry_exhaust", "task-failed")] == 4
+    last: list[Counter] = []
+
+    def agrees() -> bool:
+        last[:] = [exporter_counts(exporter)]
+        return last[0] == truth
+
+    try:
+        wait_for(agrees, 30, "the exporter's counts to equal the Receiver's", interval=0.5)
+    except AssertionError:
+        differing = {k: (truth[k], last[0][k]) for k in truth.keys() | last[0].keys()}
+        raise AssertionError(
+            "(name, type): (Receiver, exporter) where they differ: "
+            f"{ {k: v for k, v in differing.items() if v[0] != v[1]} }"
+        ) from None
+    scrape = exporter.scrape()
+    assert scrape.series("celery_exporter_duplicate_events_total", "type") == {}
+    assert scrape.series("celery_exporter_unmeasured_durations_total", "metric", "reason") == {}
+    started = sum(n for (_, kind), n in truth.items() if kind == "task-started")
+    print(f"\n{broker_url.split(':')[0]}: {sum(truth.values())} task events, {started} started")
