@@ -83,7 +83,9 @@ class Exposition:
             self._workers(out, view)
             self._exporter(out, view)
         self._queues(out)
-        return "".join(out).encode()
+        # Labels are cleaned where they enter (aggregates.clean_label); "replace" is the last
+        # line of defence: one odd string must never cost every later scrape.
+        return "".join(out).encode("utf-8", "replace")
 
     # -- series writers ---------------------------------------------------------------------
 
@@ -163,6 +165,7 @@ class Exposition:
         self._single(out, m.EXPORTER_TASKS_EVICTED, view.tasks_evicted)
         self._single(out, m.EXPORTER_WORKERS_EVICTED, view.workers_evicted)
         self._labelled(out, m.EXPORTER_LABEL_OVERFLOW, view.label_overflows)
+        self._labelled(out, m.EXPORTER_LABEL_TRUNCATED, view.label_truncations)
         self._labelled(out, m.EXPORTER_NEGATIVE_DURATIONS, view.negative_durations)
         self._series(out, m.EXPORTER_UNMEASURED, dict(sorted(view.unmeasured.items())))
         self._single(out, m.EXPORTER_BACKLOG_BYTES, status.backlog.backlog_bytes)

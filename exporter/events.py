@@ -28,6 +28,13 @@ except ImportError:  # pragma: no cover - depends on the environment
     _msgpack_loads = None
 
 
+#: A Celery event message is one event or a worker's batch (24 by default, each under a few kB
+#: but for tracebacks): messages past these bounds are not Celery's, and are refused whole, so
+#: one message can cost at most ~8 MB of decoding and 10,000 events of bookkeeping.
+MAX_MESSAGE_BYTES = 8 << 20
+MAX_EVENTS_PER_MESSAGE = 10_000
+
+
 class MalformedMessage(ValueError):
     """A message (or an event inside it) that cannot be used; `reason` is a short label."""
 
@@ -84,6 +91,8 @@ class EventDecoder:
 
     def decode_envelope(self, payload: bytes) -> list[Event]:
         """Decode a kombu virtual-transport envelope (a Redis pub/sub payload) and its body."""
+        if len(payload) > MAX_MESSAGE_BYTES:  # base64 inflates the body: bound the envelope
+            raise MalformedMessage("too_large", f"{len(payload)} bytes")
         try:
             envelope = _loads_json(payload)
             body = envelope["body"]
@@ -97,12 +106,16 @@ class EventDecoder:
     def decode(self, body: bytes | str, content_type: str | None) -> list[Event]:
         decoder = DECODERS.get(content_type or "")
         if decoder is None:
-            raise MalformedMessage("content_type", repr(content_type))
+            raise MalformedMessage("content_type", repr(content_type)[:100])
+        if len(body) > MAX_MESSAGE_BYTES:
+            raise MalformedMessage("too_large", f"{len(body)} bytes")
         try:
             payload = decoder(body)
         except Exception as exc:  # any decoder error means the same thing: unusable body
             raise MalformedMessage("decode", f"{type(exc).__name__}: {exc}") from None
         items = payload if isinstance(payload, list) else [payload]
+        if len(items) > MAX_EVENTS_PER_MESSAGE:
+            raise MalformedMessage("too_many_events", f"{len(items)} events")
         now = self._now()
         here = self._here(now)
         events: list[Event] = []

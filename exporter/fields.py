@@ -19,7 +19,10 @@ def timestamp(value: object) -> float | None:
     if type(value) is float:
         return value if math.isfinite(value) else None
     if type(value) is int:
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int past float range
+            return None
     return None
 
 

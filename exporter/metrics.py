@@ -213,6 +213,12 @@ EXPORTER_LABEL_OVERFLOW = MetricSpec(
     f"Events whose label value was beyond the label's limit and counted as '{OVERFLOW_LABEL}'.",
     ("label",),
 )
+EXPORTER_LABEL_TRUNCATED = MetricSpec(
+    "celery_exporter_label_truncated_total",
+    "counter",
+    "Events whose label value was longer than 256 characters and was cut to that length.",
+    ("label",),
+)
 EXPORTER_NEGATIVE_DURATIONS = MetricSpec(
     "celery_exporter_negative_durations_total",
     "counter",
@@ -271,6 +277,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     EXPORTER_TASKS_EVICTED,
     EXPORTER_WORKERS_EVICTED,
     EXPORTER_LABEL_OVERFLOW,
+    EXPORTER_LABEL_TRUNCATED,
     EXPORTER_NEGATIVE_DURATIONS,
     EXPORTER_UNMEASURED,
     EXPORTER_QUEUE_PROBE_ERRORS,

@@ -28,6 +28,8 @@ class ExporterStats:
         self.workers_evicted = 0
         #: Events from workers beyond the worker table's bound, ignored.
         self.workers_overflow = 0
+        #: Hostnames longer than a label may be, cut.
+        self.hostnames_truncated = 0
         #: Wall time of the last event (0 before the first).
         self.last_event_at = 0.0
 

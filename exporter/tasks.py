@@ -40,6 +40,10 @@ Event = dict[str, Any]
 #: Producers are taken not to send task-sent events after this long without one.
 SENT_EVENTS_ABSENT_AFTER = 300.0
 
+#: Longer durations are not believed (a timestamp of 1e308, a runtime past float range): they
+#: would poison a histogram's sum for good. Ten years.
+MAX_DURATION = 10 * 365 * 86_400.0
+
 _FINAL = frozenset(kind for kind, t in TASK_EVENTS.items() if t.final)
 _NUMBERS = (float, int)
 
@@ -323,6 +327,9 @@ class TaskTable:
         return (record.name or UNKNOWN_LABEL, record.queue or UNKNOWN_LABEL)
 
     def _observe(self, metric: str, key: LabelKey, value: float) -> None:
+        if not value < MAX_DURATION:  # also NaN and +inf
+            self.stats.count_unmeasured(metric, "implausible")
+            return
         if value < 0:
             # task-sent is stamped after the publish, so a quick worker can start a task a few
             # ms "before" it was sent: within the tolerance that is 0, not clock skew.
@@ -330,7 +337,7 @@ class TaskTable:
                 self.stats.count_negative(metric)
             value = 0.0
         if not self.metrics.observe(getattr(self.metrics, metric), key, value):
-            self.stats.count_malformed("non_finite")
+            self.stats.count_unmeasured(metric, "implausible")  # -inf
 
     def _on_sent(self, record: TaskRecord, event: Event, ts: float | None) -> None:
         retries = fields.attempt(event.get("retries"))
@@ -413,8 +420,11 @@ class TaskTable:
         if delivery is None:
             self.stats.count_unmeasured("runtime", "unplaced")
             return None
-        if delivery.started is None or ts is None:
+        if delivery.started is None:
             self.stats.count_unmeasured("runtime", "no_start")
+            return None
+        if ts is None:
+            self.stats.count_unmeasured("runtime", "no_timestamp")
             return None
         return ts - delivery.started
 

@@ -43,6 +43,7 @@ class TrackerView:
     negative_durations: Mapping[str, int]
     unmeasured: Mapping[tuple[str, str], int]
     label_overflows: Mapping[str, int]
+    label_truncations: Mapping[str, int]
     tasks_tracked: int
     tasks_evicted: int
     workers_evicted: int
@@ -136,6 +137,8 @@ class Tracker:
         overflows = metrics.label_overflows()
         overflows["hostname"] = stats.workers_overflow
         overflows["type"] = self.event_types.overflow
+        truncations = metrics.label_truncations()
+        truncations["hostname"] = stats.hostnames_truncated
         return TrackerView(
             buckets=metrics.buckets,
             task_counts=metrics.counts,
@@ -149,6 +152,7 @@ class Tracker:
             negative_durations=stats.negative_durations,
             unmeasured=stats.unmeasured,
             label_overflows=overflows,
+            label_truncations=truncations,
             tasks_tracked=len(self.tasks.inflight),
             tasks_evicted=stats.tasks_evicted,
             workers_evicted=stats.workers_evicted,

@@ -14,9 +14,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .aggregates import clean_label
 from .selfstats import ExporterStats
 
 WorkerState = Literal["online", "offline", "lost"]
+
+#: Counts from heartbeats beyond this are not believed (and would not survive a float anyway).
+_MAX_COUNT = 2**53
+
+
+def _count(value: object) -> int | None:
+    return value if type(value) is int and 0 <= value <= _MAX_COUNT else None
 
 
 class WorkerRecord:
@@ -71,6 +79,9 @@ class WorkerTable:
         if not isinstance(hostname, str) or not hostname:
             self.stats.count_malformed("missing_hostname")
             return None
+        hostname, cut = clean_label(hostname)
+        if cut:
+            self.stats.hostnames_truncated += 1
         now = self.monotonic()
         worker = self.records.get(hostname)
         if worker is None:
@@ -80,10 +91,10 @@ class WorkerTable:
             worker = self.records[hostname] = WorkerRecord(now)
         worker.last_seen = now
         worker.last_seen_at = self.clock()
-        active, processed = event.get("active"), event.get("processed")
-        if type(active) is int:
+        active, processed = _count(event.get("active")), _count(event.get("processed"))
+        if active is not None:
             worker.active = active
-        if type(processed) is int:
+        if processed is not None:
             worker.processed = processed
         return worker
 

@@ -155,3 +155,47 @@ def test_promtool_accepts_the_exposition(parts) -> None:
         ["promtool", "check", "metrics"], input=generate_latest(registry), capture_output=True
     )
     assert result.returncode == 0, result.stderr.decode() + result.stdout.decode()
+
+
+def test_a_string_no_encoding_can_carry_costs_only_its_event(parts) -> None:
+    tracker, _, registry = parts
+    exposition = Exposition(tracker, threading.Lock(), BrokerStatus(), QueueLengths(), "x")
+    surrogate = "bad\ud800name"  # what json.loads makes of "bad\\ud800name"
+    tracker.handle_all(
+        [
+            sent(uuid="s1", name=surrogate, queue="q\udfff"),
+            {"type": "worker-heartbeat", "hostname": "w\ud800@h", "active": 1},
+            sent(uuid="s2"),  # the batch's other events still count
+        ]
+    )
+    text = exposition.render().decode("utf-8")  # valid UTF-8, every later scrape too
+    assert 'celery_task_sent_total{name="bad?name",queue_name="q?"} 1' in text
+    assert 'celery_worker_up{hostname="w?@h"} 1' in text
+    assert (
+        registry.get_sample_value("celery_task_sent_total", {"name": "app.add", "queue_name": "q1"})
+        == 1
+    )
+
+
+def test_label_values_are_cut_at_256_characters_and_counted(parts) -> None:
+    tracker, _, registry = parts
+    long_name, long_host = "n" * 100_000, "h" * 5_000
+    for i in range(3):
+        tracker.handle(sent(uuid=f"l{i}", name=long_name))
+    tracker.handle({"type": "worker-heartbeat", "hostname": long_host})
+    get = registry.get_sample_value
+    assert get("celery_task_sent_total", {"name": "n" * 256, "queue_name": "q1"}) == 3
+    assert get("celery_worker_up", {"hostname": "h" * 256}) == 1
+    assert get("celery_exporter_label_truncated_total", {"label": "name"}) == 3
+    assert get("celery_exporter_label_truncated_total", {"label": "hostname"}) == 1
+
+
+def test_counts_no_heartbeat_could_mean_are_not_believed(parts) -> None:
+    tracker, _, registry = parts
+    tracker.handle({"type": "worker-heartbeat", "hostname": "w@h", "active": 3, "processed": 9})
+    tracker.handle({"type": "worker-heartbeat", "hostname": "w@h", "active": 10**400})
+    tracker.handle({"type": "worker-heartbeat", "hostname": "w@h", "processed": -5})
+    assert registry.get_sample_value("celery_worker_tasks_active", {"hostname": "w@h"}) == 3
+    assert (
+        registry.get_sample_value("celery_worker_tasks_processed_total", {"hostname": "w@h"}) == 9
+    )

@@ -585,9 +585,14 @@ def test_values_no_event_should_hold_are_counted_and_skipped(tracker: Tracker) -
     assert view.task_counts["task-succeeded"] == {KEY: 1}
     assert view.task_counts["task-failed"] == {(*KEY, "E"): 1}
     assert all(math.isfinite(h.sum) for t in (view.runtime, view.latency) for h in t.values())
-    # "" as uuid; a runtime past float range (no runtime, and an infinite finish has no
-    # latency either); a latency of 2e308 (infinite).
-    assert view.malformed == {"missing_uuid": 1, "bad_field": 1, "non_finite": 1}
+    # "" as uuid; a runtime past float range and an infinite finish time (no runtime, no
+    # latency); a latency of 2e308 (infinite). Each costs only its own measurement.
+    assert view.malformed == {"missing_uuid": 1}
+    assert view.unmeasured == {
+        ("runtime", "no_timestamp"): 1,
+        ("latency", "no_timestamp"): 1,
+        ("latency", "implausible"): 1,
+    }
     assert view.tasks_tracked == 0
 
 
