@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -42,6 +43,10 @@ class QueueLengths:
         with self._lock:
             self._errors += n
 
+    def forget(self, queue: str) -> None:
+        with self._lock:
+            self._lengths.pop(queue, None)
+
     def snapshot(self) -> tuple[dict[str, int], int]:
         with self._lock:
             return dict(self._lengths), self._errors
@@ -50,17 +55,22 @@ class QueueLengths:
 #: kombu's virtual transport clamps message priorities to 0..9 (`min/max_priority`), and a
 #: priority step's sub-list is named after the step: with any `priority_steps`, these cover all.
 _REDIS_PRIORITIES = range(1, 10)
+#: A name that failed this many probes in a row is not probed again for SUSPEND_FOR seconds.
+FAILURES_BEFORE_SUSPEND = 5
+SUSPEND_FOR = 3600.0
+
+#: (lengths of the queues that answered, reason per queue that failed)
+Probed = tuple[dict[str, int], dict[str, str]]
 
 
-def probe_lengths(connection: Connection, queues: Iterable[str]) -> tuple[dict[str, int], int]:
-    """Each queue's message count over one connection, and how many queues failed."""
-    channel = connection.default_channel
+def probe_lengths(connection: Connection, queues: Iterable[str]) -> Probed:
+    """Each queue's message count over one connection; each queue fails alone."""
     if connection.transport.driver_type == "redis":
-        return redis_lengths(channel, sorted(queues))
+        return redis_lengths(connection.default_channel, sorted(queues))
     return declared_lengths(connection, sorted(queues))
 
 
-def redis_lengths(channel: Any, queues: list[str]) -> tuple[dict[str, int], int]:
+def redis_lengths(channel: Any, queues: list[str]) -> Probed:
     """Sum each queue's list and priority sub-lists, in one pipelined round trip."""
     sep = channel.sep
     names = [[queue, *(f"{queue}{sep}{p}" for p in _REDIS_PRIORITIES)] for queue in queues]
@@ -70,35 +80,51 @@ def redis_lengths(channel: Any, queues: list[str]) -> tuple[dict[str, int], int]
                 pipe.llen(key)
         replies = pipe.execute(raise_on_error=False)
     lengths: dict[str, int] = {}
-    failed = 0
+    failures: dict[str, str] = {}
     per_queue = len(_REDIS_PRIORITIES) + 1
     for i, queue in enumerate(queues):
         sizes = replies[i * per_queue : (i + 1) * per_queue]
-        if all(isinstance(size, int) for size in sizes):
+        errors = [size for size in sizes if not isinstance(size, int)]
+        if errors:  # e.g. WRONGTYPE: a key of that name that is not a list
+            failures[queue] = f"{type(errors[0]).__name__}: {errors[0]}"
+        else:
             lengths[queue] = sum(sizes)
-        else:  # e.g. WRONGTYPE: a key of that name that is not a list
-            failed += 1
-    return lengths, failed
+    return lengths, failures
 
 
-def declared_lengths(connection: Connection, queues: list[str]) -> tuple[dict[str, int], int]:
+def declared_lengths(connection: Connection, queues: list[str]) -> Probed:
+    """A passive declare per queue: a queue that does not exist holds 0 messages."""
     lengths: dict[str, int] = {}
+    failures: dict[str, str] = {}
     channel = connection.channel()
     try:
         for queue in queues:
+            if len(queue.encode("utf-8", "replace")) > 255:  # AMQP's shortstr: refused unsent
+                failures[queue] = "not a valid AMQP queue name (over 255 bytes)"
+                continue
             try:
                 lengths[queue] = channel.queue_declare(queue=queue, passive=True).message_count
-            except ChannelError:
-                lengths[queue] = 0
-                channel.close()
+            except ChannelError as exc:  # the broker closed the channel: take a new one
+                if getattr(exc, "code", None) == 404:
+                    lengths[queue] = 0
+                else:  # 403 for reserved amq.* names, 406, ...
+                    failures[queue] = f"{type(exc).__name__}: {exc}"
+                with contextlib.suppress(Exception):
+                    channel.close()
                 channel = connection.channel()
     finally:
-        channel.close()
-    return lengths, 0
+        with contextlib.suppress(Exception):
+            channel.close()
+    return lengths, failures
 
 
 class QueueProbe:
-    """Poll queue lengths every `interval` seconds in a daemon thread until `stop()`."""
+    """Poll queue lengths every `interval` seconds in a daemon thread until `stop()`.
+
+    A queue that fails keeps its last known length and is counted; one that fails
+    FAILURES_BEFORE_SUSPEND probes in a row (a name that is not a queue) is dropped from the
+    metrics and not probed for SUSPEND_FOR seconds, said once in the log.
+    """
 
     def __init__(
         self,
@@ -106,38 +132,65 @@ class QueueProbe:
         queue_names: Callable[[], set[str]],
         cache: QueueLengths,
         interval: float,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._connect = connect
         self._queue_names = queue_names
         self._cache = cache
         self._interval = interval
+        self._monotonic = monotonic
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="queue-probe", daemon=True)
         self._connection: Connection | None = None
+        self._failures: dict[str, int] = {}  # name -> failed probes in a row
+        self._suspended: dict[str, float] = {}  # name -> monotonic time it may be probed again
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        else:  # never started (probed by hand): just let go of the connection
+            self._drop_connection()
 
     def probe_once(self) -> None:
-        names = self._queue_names()
+        now = self._monotonic()
+        for name, until in list(self._suspended.items()):
+            if until <= now:
+                del self._suspended[name]
+        names = self._queue_names() - self._suspended.keys()
         if not names:
             return
         try:
             if self._connection is None:
                 self._connection = self._connect()
                 self._connection.ensure_connection(max_retries=1)
-            lengths, failed = probe_lengths(self._connection, names)
-            self._cache.update(lengths)
-            if failed:
-                self._cache.count_error(failed)
+            lengths, failures = probe_lengths(self._connection, names)
         except Exception as exc:  # any broker failure: keep the last lengths, count, retry later
             self._cache.count_error()
             log.warning("queue length probe failed: %s: %s", type(exc).__name__, exc)
             self._drop_connection()
+            return
+        self._cache.update(lengths)
+        for name in lengths:
+            self._failures.pop(name, None)
+        if failures:
+            self._cache.count_error(len(failures))
+        for name, reason in failures.items():
+            self._failures[name] = failed = self._failures.get(name, 0) + 1
+            if failed >= FAILURES_BEFORE_SUSPEND:
+                del self._failures[name]
+                self._suspended[name] = now + SUSPEND_FOR
+                self._cache.forget(name)
+                log.warning(
+                    "queue %r failed %d length probes in a row (%s); not probing it for %.0f s",
+                    name,
+                    failed,
+                    reason,
+                    SUSPEND_FOR,
+                )
 
     def _drop_connection(self) -> None:
         connection, self._connection = self._connection, None

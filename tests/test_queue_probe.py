@@ -1,0 +1,61 @@
+"""The queue length probe on real brokers: each queue fails alone, is counted, and a name that
+keeps failing stops being probed (the clock is injected; the brokers are real)."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from kombu import Connection
+
+from exporter.queues import (
+    FAILURES_BEFORE_SUSPEND,
+    SUSPEND_FOR,
+    QueueLengths,
+    QueueProbe,
+    probe_lengths,
+)
+
+from test_tracker import Clock
+
+pytestmark = pytest.mark.broker
+
+
+def test_redis_a_key_that_is_not_a_list_fails_alone_then_is_suspended(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    client.set("not_a_queue", "x")
+    client.rpush("real", "m1", "m2")
+    client.rpush("real\x06\x167", "m3")  # a priority sub-list (step 7)
+    cache, clock = QueueLengths(), Clock()
+    names = {"real", "not_a_queue", "absent"}
+    probe = QueueProbe(lambda: Connection(redis_url), lambda: names, cache, 1.0, monotonic=clock)
+    try:
+        for attempt in range(1, FAILURES_BEFORE_SUSPEND + 1):
+            probe.probe_once()
+            assert cache.snapshot() == ({"real": 3, "absent": 0}, attempt)
+        probe.probe_once()  # suspended: not probed, not counted again
+        assert cache.snapshot() == ({"real": 3, "absent": 0}, FAILURES_BEFORE_SUSPEND)
+        client.delete("not_a_queue")
+        client.rpush("not_a_queue", "now it is one")
+        clock.advance(SUSPEND_FOR)
+        probe.probe_once()
+        assert cache.snapshot() == (
+            {"real": 3, "absent": 0, "not_a_queue": 1},
+            FAILURES_BEFORE_SUSPEND,
+        )
+    finally:
+        probe.stop(0)
+
+
+def test_amqp_names_that_are_no_queue_fail_alone(amqp_url: str, queue: str) -> None:
+    with Connection(amqp_url) as connection:
+        channel = connection.channel()
+        channel.queue_declare(queue=queue, auto_delete=True)
+        channel.basic_publish(channel.prepare_message(b"m"), exchange="", routing_key=queue)
+        too_long = "q" * 300
+        lengths, failures = probe_lengths(
+            connection, [queue, too_long, "amq.reserved", "obs_missing"]
+        )
+        assert lengths == {queue: 1, "obs_missing": 0, "amq.reserved": 0}
+        assert list(failures) == [too_long]
+        assert "over 255 bytes" in failures[too_long]
+        channel.queue_delete(queue)
