@@ -10,10 +10,18 @@ started `basic.consume`, this loop reads the socket itself and walks the frames:
     header   body size, flags    -> content_type (the first property) if its flag is set
     body     bytes               -> until body size, then the message is complete
 
+Deliveries are acknowledged once processed: after each pass over what one read brought, one
+`basic.ack` with `multiple` for the last delivery handed on. With the channel's prefetch bounded,
+a stalled link holds at most a prefetch of events in flight, and what was delivered but not yet
+acknowledged is delivered again after a reconnect (the tracker recognises redeliveries).
+A message whose declared body size is past `events.MAX_MESSAGE_BYTES` is not accumulated: its
+frames are skipped, it is reported through `on_oversized` and acknowledged like any other.
+
 Anything else that needs an answer (connection.close, channel.close, basic.cancel) ends the loop
 with an error, and the consumer reconnects. The loop only stops between messages, handing any
 bytes it read ahead back to py-amqp, which then closes the channel normally. Heartbeats keep
-working: reads are reported to py-amqp's counter and `heartbeat_check` still sends ours.
+working: reads and our acks are reported to py-amqp's counters and `heartbeat_check` still
+sends ours.
 """
 
 from __future__ import annotations
@@ -26,9 +34,14 @@ from typing import Any
 
 from kombu import Connection
 
+from .events import MAX_MESSAGE_BYTES
+
 _FRAME_HEADER = Struct(">BHI")  # type, channel, payload size
 _METHOD = Struct(">HH")  # class id, method id
 _CONTENT_HEADER = Struct(">HHQH")  # class id, weight, body size, property flags
+_DELIVERY_TAG = Struct(">Q")
+#: basic.ack: method frame on the channel, class 60 method 80, delivery tag, multiple=1.
+_ACK = Struct(">BHIHHQBB")
 _FRAME_END = 0xCE
 _METHOD_FRAME, _HEADER_FRAME, _BODY_FRAME, _HEARTBEAT_FRAME = 1, 2, 3, 8
 _BASIC_DELIVER = (60, 60)
@@ -43,17 +56,27 @@ class AmqpStreamError(ConnectionError):
 
 
 class AmqpEventStream:
-    def __init__(self, amqp_connection: Any, sock: socket.socket, pending: bytes) -> None:
+    def __init__(
+        self, amqp_connection: Any, sock: socket.socket, pending: bytes, channel_id: int
+    ) -> None:
         self._connection = amqp_connection
         self._transport = amqp_connection.transport
         self._sock = sock
         self._buffer = bytearray(pending)
+        self._channel_id = channel_id
+
+    def _ack(self, delivery_tag: int) -> None:
+        """Acknowledge every delivery up to and including `delivery_tag`."""
+        frame = _ACK.pack(_METHOD_FRAME, self._channel_id, 13, 60, 80, delivery_tag, 1, _FRAME_END)
+        self._sock.sendall(frame)
+        self._connection.bytes_sent += 1  # py-amqp's heartbeat check: data went out
 
     def run(
         self,
         on_body: Callable[[bytes, str | None], None],
         stopping: threading.Event,
         on_idle: Callable[[], None],
+        on_oversized: Callable[[int], None],
     ) -> None:
         """Deliver message bodies until `stopping` is set (between messages) or the broker errs."""
         buffer, sock, connection = self._buffer, self._sock, self._connection
@@ -62,8 +85,10 @@ class AmqpEventStream:
         body_parts: list[bytes] = []
         received = 0
         content_type: str | None = None
+        delivery_tag = acked = 0
         while True:
             # Parse every complete frame in the buffer.
+            handed = acked
             while len(buffer) - pos >= 8:
                 kind, _channel, size = _FRAME_HEADER.unpack_from(buffer, pos)
                 end = pos + 7 + size
@@ -73,7 +98,8 @@ class AmqpEventStream:
                     raise AmqpStreamError("AMQP frame out of sync (no frame-end octet)")
                 start, pos = pos + 7, end + 1
                 if kind == _BODY_FRAME:
-                    body_parts.append(bytes(buffer[start:end]))
+                    if body_size <= MAX_MESSAGE_BYTES:
+                        body_parts.append(bytes(buffer[start:end]))
                     received += size
                 elif kind == _HEADER_FRAME:
                     _, _, body_size, flags = _CONTENT_HEADER.unpack_from(buffer, start)
@@ -85,17 +111,27 @@ class AmqpEventStream:
                 elif kind == _METHOD_FRAME:
                     method = _METHOD.unpack_from(buffer, start)
                     if method == _BASIC_DELIVER:
+                        # consumer-tag (shortstr), then the delivery tag
+                        tag_at = start + 5 + buffer[start + 4]
+                        (delivery_tag,) = _DELIVERY_TAG.unpack_from(buffer, tag_at)
                         body_parts, received, body_size = [], 0, -2  # header comes next
                     elif method not in _IGNORED_METHODS:
                         raise AmqpStreamError(f"broker sent AMQP method {method[0]}.{method[1]}")
                 elif kind != _HEARTBEAT_FRAME:
                     raise AmqpStreamError(f"unexpected AMQP frame type {kind}")
                 if body_size >= 0 and received >= body_size:
-                    on_body(b"".join(body_parts), content_type)
+                    if body_size > MAX_MESSAGE_BYTES:
+                        on_oversized(body_size)
+                    else:
+                        on_body(b"".join(body_parts), content_type)
                     body_size, body_parts, received = -1, [], 0
+                    handed = delivery_tag
             if pos:
                 del buffer[:pos]
                 pos = 0
+            if handed > acked:
+                self._ack(handed)
+                acked = handed
             on_idle()
             if stopping.is_set() and body_size == -1:
                 # Between messages: give py-amqp what we read ahead, so it can close cleanly.
@@ -111,7 +147,7 @@ class AmqpEventStream:
             connection.bytes_recv += 1  # py-amqp's heartbeat check: data came in
 
 
-def open_stream(connection: Connection) -> AmqpEventStream | None:
+def open_stream(connection: Connection, channel_id: int) -> AmqpEventStream | None:
     """Take over reading from an AMQP connection whose consumer is set up; None if not AMQP."""
     if connection.transport.driver_type != "amqp":
         return None
@@ -121,4 +157,4 @@ def open_stream(connection: Connection) -> AmqpEventStream | None:
     pending = getattr(transport, "_read_buffer", None)
     if sock is None or not isinstance(pending, (bytes, bytearray)):
         return None
-    return AmqpEventStream(amqp_connection, sock, bytes(pending))
+    return AmqpEventStream(amqp_connection, sock, bytes(pending), channel_id)

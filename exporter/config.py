@@ -14,9 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kombu.utils.url import maybe_sanitize_url
-
 from .metrics import DEFAULT_BUCKETS
+from .secrets import Scrubber, mask_url, option_secrets, url_secrets
 
 ENV_PREFIX = "CELERY_OBS_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -45,9 +44,14 @@ class Limits:
 @dataclass(frozen=True)
 class EventQueueOptions:
     prefix: str = "celeryev"
-    ttl: float = 60.0
+    #: RabbitMQ: the exporter's event queue; "" for `celeryev.celery-obs.<host>.<port>`.
+    name: str = ""
+    #: RabbitMQ: a restart within min(ttl, expires) finds every event published meanwhile.
+    ttl: float = 300.0
     expires: float = 300.0
     max_length: int = 500_000
+    #: RabbitMQ: most deliveries in flight unacknowledged.
+    prefetch: int = 2000
     #: Redis: most bytes read off the socket but not yet processed (drain-first backlog).
     max_backlog_bytes: int = 64 * 1024 * 1024
 
@@ -68,8 +72,12 @@ class ExporterConfig:
 
     @property
     def safe_broker_url(self) -> str:
-        """The broker URL with its password masked: the only form that may be logged."""
-        return str(maybe_sanitize_url(self.broker_url))
+        """The broker URL with every credential masked: the only form that may be shown."""
+        return mask_url(self.broker_url)
+
+    def scrubber(self) -> Scrubber:
+        """Masks the broker's credentials wherever they would be shown (logs, /healthz)."""
+        return Scrubber(url_secrets(self.broker_url) | option_secrets(self.transport_options))
 
 
 def parse_listen_address(address: str) -> tuple[str, int]:
@@ -294,8 +302,16 @@ def add_exporter_arguments(
         help="How often workers are asked to enable task events.",
     )
     env.add(
+        "--event-queue-name",
+        default=None,
+        metavar="NAME",
+        help="RabbitMQ: the exporter's event queue. It is kept across restarts (events "
+        "published while the exporter is down wait in it); give each exporter its own. "
+        "Default: celeryev.celery-obs.<hostname>.<listen port>.",
+    )
+    env.add(
         "--event-queue-ttl",
-        default=60.0,
+        default=300.0,
         type=_positive(float),
         metavar="SECONDS",
         help="RabbitMQ: how long events wait in the exporter's queue.",
@@ -360,6 +376,7 @@ def config_from_args(args: argparse.Namespace) -> ExporterConfig:
         enable_events=args.enable_events,
         enable_events_interval=args.enable_events_interval,
         event_queue=EventQueueOptions(
+            name=args.event_queue_name or "",
             ttl=args.event_queue_ttl,
             expires=args.event_queue_expires,
             max_length=args.event_queue_max_length,

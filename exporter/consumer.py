@@ -5,9 +5,11 @@ kombu directly, not celery's `Receiver`: messages arrive raw (`on_message`), are
 the collector also takes. A broker error never ends the process: the consumer reports itself
 disconnected, waits with capped exponential backoff and connects again, forever.
 
-On RabbitMQ the event queue is ours to declare, so it outlives a dropped connection (`expires`
-instead of `auto_delete`: events published while we reconnect wait for us), holds messages for
-`event_queue_ttl` and is bounded by `x-max-length`. On Redis events travel by pub/sub and nothing
+On RabbitMQ the event queue is ours to declare. Its name is stable per exporter instance and it
+outlives a dropped connection or a restart (`expires` instead of `auto_delete`: events published
+meanwhile wait for us), holds messages for `event_queue_ttl` and is bounded by `x-max-length`.
+Deliveries are acknowledged after they are processed, with a bounded prefetch, so a stalled link
+or a crash loses nothing that reached the queue. On Redis events travel by pub/sub and nothing
 waits for a disconnected subscriber; a restart there is counted as a reconnect.
 """
 
@@ -15,13 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from amqp.exceptions import PreconditionFailed
 from celery.events.event import get_exchange
 from kombu import Connection, Consumer, Queue
 from kombu.message import Message
@@ -33,6 +36,11 @@ from .redis_stream import BacklogStats
 from .tracker import Tracker
 
 log = logging.getLogger(__name__)
+
+
+def default_queue_name(prefix: str, instance: str) -> str:
+    """`celeryev.celery-obs.<host>.<instance>`: stable across restarts of one exporter."""
+    return f"{prefix}.celery-obs.{socket.gethostname()}.{instance}"
 
 
 @dataclass
@@ -59,6 +67,8 @@ class BrokerStatus:
 
 
 _AMQP_READ_SIZE = 16 << 10
+#: Longest broker error shown in /healthz and the log.
+_MAX_ERROR_LENGTH = 400
 #: A session that lasted this long resets the reconnect backoff.
 _STABLE_SESSION = 30.0
 
@@ -99,6 +109,7 @@ class EventConsumer:
         on_connected: Callable[[], None] | None = None,
         backoff_cap: float = 5.0,
         poll_timeout: float = 1.0,
+        scrub: Callable[[str], str] = str,
     ) -> None:
         self._connect = connect
         self._tracker = tracker
@@ -108,10 +119,15 @@ class EventConsumer:
         self._on_connected = on_connected
         self._backoff_cap = backoff_cap
         self._poll_timeout = poll_timeout
+        #: Broker errors can quote credentials (a URL, a login): they are shown scrubbed.
+        self._scrub = scrub
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="event-consumer", daemon=True)
-        # One name for the life of the process, so a reconnect finds the queue it left.
-        self._queue_name = f"{self._queue_options.prefix}.celery-obs.{uuid.uuid4()}"
+        # One name per exporter instance (not per process), so a reconnect or a restart finds
+        # the queue it left, with what was published meanwhile.
+        self._queue_name = self._queue_options.name or default_queue_name(
+            self._queue_options.prefix, "exporter"
+        )
         #: Reasons the decoder skipped events for, counted into the tracker under the lock.
         self._malformed: list[str] = []
         self._decoder = EventDecoder(on_malformed=self._malformed.append)
@@ -133,6 +149,9 @@ class EventConsumer:
     def on_message(self, message: Message) -> None:
         """A message delivered by kombu (transports without a fast path of their own)."""
         self._process(self._decoder.decode, message.body, message.content_type)
+        if not message.acknowledged and message.delivery_info.get("delivery_tag") is not None:
+            with contextlib.suppress(Exception):  # pub/sub transports have nothing to ack
+                message.ack()
 
     def on_body(self, body: bytes, content_type: str | None) -> None:
         """A message body read straight off an AMQP socket."""
@@ -168,14 +187,20 @@ class EventConsumer:
         amqp = connection.transport.driver_type == "amqp"
         arguments: dict[str, Any] = {}
         if amqp:
-            arguments = {"x-max-length": options.max_length, "x-overflow": "drop-head"}
+            arguments = {
+                "x-max-length": options.max_length,
+                "x-overflow": "drop-head",
+                # Two exporters given the same queue name would split the stream between them;
+                # with a single active consumer the second one stands by instead.
+                "x-single-active-consumer": True,
+            }
         return Queue(
             self._queue_name,
             exchange=get_exchange(connection),
             routing_key="#",
             durable=False,
-            # RabbitMQ: outlive our reconnects (x-expires cleans up). Elsewhere events are
-            # pub/sub and nothing waits in the queue; auto-delete drops the binding on exit.
+            # RabbitMQ: outlive our reconnects and restarts (x-expires cleans up). Elsewhere
+            # events are pub/sub and nothing waits in the queue; auto-delete drops the binding.
             auto_delete=not amqp,
             message_ttl=options.ttl,
             expires=options.expires,
@@ -186,20 +211,32 @@ class EventConsumer:
         delay = 0.5
         while not self._stopping.is_set():
             started = self.status.last_poll = time.monotonic()
-            try:
-                with self._connect() as connection:
-                    connection.ensure_connection(max_retries=1)
-                    self._consume(connection)
-            except Exception as exc:  # every broker failure is survivable: report, back off, retry
-                self._disconnected(exc)
-                # Back off from the first attempt unless the session lived a while: a broker
-                # that accepts the connection and then refuses to serve must not be hammered.
-                if time.monotonic() - started > _STABLE_SESSION:
-                    delay = 0.5
-                if self._stopping.wait(delay):
-                    break
-                delay = min(delay * 2, self._backoff_cap)
+            self._session()
+            # Back off from the first attempt unless the session lived a while: a broker that
+            # accepts the connection and then refuses to serve must not be hammered.
+            if time.monotonic() - started > _STABLE_SESSION:
+                delay = 0.5
+            if self._stopping.wait(delay):
+                break
+            delay = min(delay * 2, self._backoff_cap)
         self.status.connected = False
+
+    def _session(self) -> None:
+        """One connection, from connecting to its end. Every broker failure is survivable:
+        it is reported here and never escapes."""
+        try:
+            with self._connect() as connection:
+                connection.ensure_connection(max_retries=1)
+                try:
+                    self._consume(connection)
+                except Exception as exc:
+                    # Say so now: saying goodbye on a dead link (the `with` exit) could wait
+                    # out a socket timeout first. Let go of it without a goodbye instead.
+                    self._disconnected(exc)
+                    with contextlib.suppress(Exception):
+                        connection.collect()
+        except Exception as exc:
+            self._disconnected(exc)
 
     def _consume(self, connection: Connection) -> None:
         queue = self._event_queue(connection)
@@ -207,15 +244,23 @@ class EventConsumer:
             connection, queue, self.status.backlog, self._queue_options.max_backlog_bytes
         )
         if stream is not None:
-            self._connected()
-            stream.run(self.on_payload, self._stopping, self._tick)
+            stream.run(self.on_payload, self._stopping, self._tick, on_subscribed=self._connected)
             return
         drain_timeout = tune_amqp_reads(connection, self._poll_timeout)
-        channel = connection.channel()
-        with Consumer(channel, queues=[queue], on_message=self.on_message, no_ack=True):
+        channel = self._declare(connection, queue)
+        # Acknowledged deliveries, at most `prefetch` in flight: a stalled link or a restart
+        # loses nothing that reached the queue (unacknowledged deliveries come back).
+        channel.basic_qos(0, self._queue_options.prefetch, False)
+        with Consumer(
+            channel,
+            queues=[queue],
+            on_message=self.on_message,
+            no_ack=False,
+            auto_declare=False,
+        ):
             self._connected()
             heartbeat_check = connection.heartbeat_check if connection.heartbeat else None
-            fast = amqp_stream.open_stream(connection)
+            fast = amqp_stream.open_stream(connection, channel.channel_id)
             if fast is not None:
 
                 def idle() -> None:
@@ -223,16 +268,45 @@ class EventConsumer:
                     if heartbeat_check is not None:
                         heartbeat_check()
 
-                fast.run(self.on_body, self._stopping, idle)
+                fast.run(self.on_body, self._stopping, idle, self._on_oversized)
             while not self._stopping.is_set():
                 self._tick()
                 with contextlib.suppress(TimeoutError):  # a quiet second, not an error
                     connection.drain_events(timeout=drain_timeout)
                 if heartbeat_check is not None:
                     heartbeat_check()
-        # A clean stop: our RabbitMQ queue would otherwise collect events until it expires.
-        with contextlib.suppress(Exception):
+        # A clean stop leaves the queue: a restart within --event-queue-expires finds it with
+        # every event published meanwhile; otherwise the broker deletes it.
+
+    def _declare(self, connection: Connection, queue: Queue) -> Any:
+        """Declare our event queue (and its binding); a channel to consume it on."""
+        channel = connection.channel()
+        try:
+            declared = queue(channel).declare()
+        except PreconditionFailed as exc:
+            # The queue exists with other arguments (changed --event-queue-* flags, an older
+            # version): it cannot be redeclared as is. Its events are for us; replace it.
+            log.warning(
+                "event queue %s exists with other settings (%s); replacing it", queue.name, exc
+            )
+            channel = connection.channel()
             queue(channel).delete()
+            declared = queue(channel).declare()
+        consumers = getattr(declared, "consumer_count", 0) if declared else 0
+        if consumers:
+            log.warning(
+                "event queue %s already has %d consumer(s): another exporter uses the same "
+                "--event-queue-name (or a previous run's connection is not closed yet); this "
+                "one stands by until it is the queue's only consumer",
+                queue.name,
+                consumers,
+            )
+        return channel
+
+    def _on_oversized(self, size: int) -> None:
+        with self._lock:
+            self._tracker.count_malformed("too_large")
+        log.debug("skipped an event message of %d bytes", size)
 
     def _tick(self) -> None:
         self.status.last_poll = time.monotonic()
@@ -249,14 +323,16 @@ class EventConsumer:
 
     def _disconnected(self, exc: BaseException) -> None:
         was_connected = self.status.connected
+        error = self._scrub(f"{type(exc).__name__}: {exc}")
+        if len(error) > _MAX_ERROR_LENGTH:  # redis-py quotes whole client reprs in its errors
+            error = error[:_MAX_ERROR_LENGTH] + "..."
+        repeated = error == self.status.last_error
         self.status.connected = False
-        self.status.last_error = f"{type(exc).__name__}: {exc}"
+        self.status.last_error = error
         if was_connected:
             self.status.disconnected_at = time.monotonic()
-            log.warning(
-                "lost the broker %s: %s; reconnecting", self.status.broker, self.status.last_error
-            )
+            log.warning("lost the broker %s: %s; reconnecting", self.status.broker, error)
+        elif not repeated:  # said once; every retry of the same failure is not news
+            log.warning("cannot connect to the broker %s: %s", self.status.broker, error)
         else:
-            log.warning(
-                "cannot connect to the broker %s: %s", self.status.broker, self.status.last_error
-            )
+            log.debug("still cannot connect to the broker %s: %s", self.status.broker, error)

@@ -38,13 +38,20 @@ except ImportError:  # pragma: no cover - hiredis is a dependency; this is for o
 
 _RECV_SIZE = 4 << 20
 _PING = b"*1\r\n$4\r\nPING\r\n"
-_PING_AFTER = 5.0  # seconds of silence before we ask (workers heartbeat every 2 s)
-_DEAD_AFTER = 15.0  # seconds of silence, pings included, before the link counts as dead
+#: Seconds of silence before we ask (workers heartbeat every 2 s, so a live cluster is rarely
+#: this quiet), and of silence, pings included, before the link counts as dead: a stalled
+#: server is reported within ~7 s.
+_PING_AFTER = 2.0
+_DEAD_AFTER = 7.0
 _FEED_SIZE = 16 << 10
 
 
 class StreamClosed(ConnectionError):
     """The Redis connection under the stream ended; the consumer reconnects."""
+
+
+class SubscriptionRefused(ConnectionError):
+    """Redis answered our subscription with an error (an ACL without +psubscribe, say)."""
 
 
 class BacklogStats:
@@ -75,11 +82,18 @@ class RedisEventStream:
         on_payload: Callable[[bytes], None],
         stopping: threading.Event,
         on_idle: Callable[[], None],
+        on_subscribed: Callable[[], None],
     ) -> None:
-        """Process messages until `stopping` is set; raises StreamClosed when Redis goes away."""
+        """Process messages until `stopping` is set; raises StreamClosed when Redis goes away.
+
+        `on_subscribed` is called once Redis confirms the subscription: until then nothing is
+        being consumed. An error reply (Redis refusing what we asked) raises
+        SubscriptionRefused with Redis' own words.
+        """
         self._reader.start()
         parser = hiredis.Reader()
         chunks, stats = self._chunks, self._stats
+        subscribed = False
         try:
             while not stopping.is_set():
                 on_idle()
@@ -95,10 +109,15 @@ class RedisEventStream:
                 for offset in range(0, len(chunk), _FEED_SIZE):
                     parser.feed(chunk, offset, min(_FEED_SIZE, len(chunk) - offset))
                     while (frame := parser.gets()) is not False:
-                        # [b"pmessage", pattern, channel, payload] (RESP3 pushes are lists too);
-                        # subscription confirmations and the like are skipped.
+                        # [b"pmessage", pattern, channel, payload] (RESP3 pushes are lists too)
                         if isinstance(frame, list) and len(frame) == 4 and frame[0] == b"pmessage":
                             on_payload(frame[3])
+                        elif isinstance(frame, list) and frame and frame[0] == b"psubscribe":
+                            if not subscribed:
+                                subscribed = True
+                                on_subscribed()
+                        elif isinstance(frame, Exception):  # hiredis' ReplyError: -ERR, -NOPERM
+                            raise SubscriptionRefused(f"Redis refused: {frame}")
         finally:
             self._stopping.set()
             self._reader.join(5)

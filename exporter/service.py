@@ -7,6 +7,7 @@ rendered by its own `Exposition`, never through prometheus_client's process-glob
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -17,7 +18,7 @@ from kombu import Connection
 
 from .collector import CONTENT_TYPE, Exposition
 from .config import ExporterConfig, parse_listen_address
-from .consumer import BrokerStatus, EventConsumer
+from .consumer import BrokerStatus, EventConsumer, default_queue_name
 from .control import WorkerControl
 from .http import MetricsServer
 from .queues import QueueLengths, QueueProbe
@@ -54,6 +55,7 @@ class Exporter:
         self.lock = threading.Lock()
         self.tracker = Tracker(config.limits, clock=clock)
         self.status = BrokerStatus(broker=config.safe_broker_url)
+        scrub = config.scrubber()
         self.queue_lengths = QueueLengths()
         self.control = WorkerControl(
             config.broker_url,
@@ -61,12 +63,17 @@ class Exporter:
             enable_events=config.enable_events,
             interval=config.enable_events_interval,
         )
+        queue_options = config.event_queue
+        if not queue_options.name:  # one queue per exporter instance: host and port
+            name = default_queue_name(queue_options.prefix, str(address[1]))
+            queue_options = dataclasses.replace(queue_options, name=name)
         self.consumer = EventConsumer(
             self.connect,
             self.tracker,
             self.lock,
             self.status,
-            queue_options=config.event_queue,
+            queue_options=queue_options,
+            scrub=scrub,
             on_connected=self.control.poke,
         )
         self.probe = QueueProbe(

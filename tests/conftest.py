@@ -92,6 +92,13 @@ def start_exporter() -> Iterator[Callable[..., ExporterProcess]]:
     started: list[ExporterProcess] = []
 
     def start(broker_url: str, *flags: str, healthy: bool = True, **kwargs) -> ExporterProcess:
+        if "--event-queue-name" not in flags:
+            # The default name is per host and port, kept across restarts: a free port used
+            # again in the session must not find an earlier test's queue.
+            flags = (*flags, "--event-queue-name", f"celeryev.celery-obs.test-{uuid.uuid4()}")
+        if "--event-queue-expires" not in flags:
+            # A stopped exporter's queue outlives it (for its restart); in tests, not for long.
+            flags = (*flags, "--event-queue-expires", "20")
         exporter = ExporterProcess(
             broker_url, "--worker-timeout", "3", "--queue-poll-interval", "0.5", *flags, **kwargs
         )

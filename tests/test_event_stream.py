@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -116,13 +117,13 @@ def test_exact_counts_at_full_speed(broker_url, start_exporter, batch):
 
 def test_amqp_queue_deleted_under_the_exporter(amqp_url, rabbit_vhost, start_exporter):
     """The broker cancels our consumer (here: our queue is deleted); we reconnect and go on."""
-    exporter = start_exporter(amqp_url, "--no-enable-events")
+    name = f"celeryev.celery-obs.test-{uuid.uuid4()}"
+    exporter = start_exporter(amqp_url, "--no-enable-events", "--event-queue-name", name)
     wait_subscribed(exporter, amqp_url)
     with Connection(amqp_url) as connection:
         channel = connection.channel()
-        ours = [q for q in list_queues(rabbit_vhost) if q.startswith("celeryev.celery-obs.")]
-        assert len(ours) == 1, ours
-        channel.queue_delete(ours[0])
+        assert name in list_queues(rabbit_vhost)
+        channel.queue_delete(name)
     exporter.wait_value("celery_exporter_broker_reconnects_total", 1)
     exporter.wait_healthy()
     publisher = eventgen.publisher_for(amqp_url)

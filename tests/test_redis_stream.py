@@ -8,7 +8,12 @@ import threading
 import pytest
 
 from exporter import redis_stream
-from exporter.redis_stream import BacklogStats, RedisEventStream, StreamClosed
+from exporter.redis_stream import (
+    BacklogStats,
+    RedisEventStream,
+    StreamClosed,
+    SubscriptionRefused,
+)
 
 
 def pmessage(payload: bytes) -> bytes:
@@ -43,10 +48,12 @@ def test_frames_split_anywhere_arrive_whole_and_in_order(pair) -> None:
     def on_payload(payload: bytes) -> None:
         got.append(len(payload))
 
+    subscribed: list[bool] = []
     with pytest.raises(StreamClosed, match="closed by the server"):
-        stream.run(on_payload, stop, lambda: None)
+        stream.run(on_payload, stop, lambda: None, lambda: subscribed.append(True))
     sender.join(5)
     assert got == list(range(1, 300))
+    assert subscribed == [True]
     assert stats.backlog_bytes == 0
 
 
@@ -60,7 +67,7 @@ def test_an_error_mid_stream_leaves_no_phantom_backlog(pair) -> None:
         raise RuntimeError("processing failed")
 
     with pytest.raises(RuntimeError):
-        stream.run(on_payload, threading.Event(), lambda: None)
+        stream.run(on_payload, threading.Event(), lambda: None, lambda: None)
     # Chunks read but never processed left with the stream; the next reader starts at zero.
     assert stats.bytes_in > 0
     assert stats.backlog_bytes == 0
@@ -72,6 +79,18 @@ def test_a_silent_link_is_pinged_then_declared_dead(pair, monkeypatch) -> None:
     ours, theirs = pair
     stream = RedisEventStream(ours, BacklogStats(), max_backlog_bytes=1 << 20)
     with pytest.raises(StreamClosed, match="no reply from Redis"):
-        stream.run(lambda payload: None, threading.Event(), lambda: None)
+        stream.run(lambda payload: None, threading.Event(), lambda: None, lambda: None)
     theirs.settimeout(1)
     assert theirs.recv(100).startswith(b"*1\r\n$4\r\nPING\r\n")
+
+
+def test_a_refused_subscription_is_an_error_not_silence(pair) -> None:
+    # A Redis ACL without +psubscribe answers the subscription with -NOPERM and nothing else:
+    # the stream must fail with Redis' reason, not sit "connected" and count nothing.
+    ours, theirs = pair
+    theirs.sendall(b"-NOPERM User obs has no permissions to access the '/0.celeryev/*' channel\r\n")
+    subscribed: list[bool] = []
+    stream = RedisEventStream(ours, BacklogStats(), max_backlog_bytes=1 << 20)
+    with pytest.raises(SubscriptionRefused, match="Redis refused: NOPERM User obs"):
+        stream.run(lambda p: None, threading.Event(), lambda: None, lambda: subscribed.append(1))
+    assert subscribed == []
