@@ -14,13 +14,14 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from stack_setup.cli import add_setup_parser
 from stack_setup.cli import run as run_setup
 
 from .config import ExporterConfig, add_exporter_arguments, config_from_args
+from .secrets import Scrubber, ScrubFilter
 from .service import Exporter, package_version
 from .webconfig import WebConfigError
 
@@ -80,28 +81,50 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, scrub: Scrubber | None = None) -> None:
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if scrub is not None:  # on the handlers: they see every record, whichever logger sent it
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(ScrubFilter(scrub))
     # kombu warns on every memory:// connection that no hostname was given; it means nothing here.
     logging.getLogger("kombu.connection").setLevel(logging.ERROR)
 
 
-def wait_for_signal() -> None:
-    """Block until SIGTERM or SIGINT."""
+def wait_for_signal(on_hangup: Callable[[], object] | None = None) -> None:
+    """Block until SIGTERM or SIGINT; on SIGHUP call `on_hangup` (reload) and keep waiting."""
     stop = threading.Event()
+    wake = threading.Event()
+    hangups: list[int] = []
 
     def handle(signum: int, _frame: object) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
         stop.set()
+        wake.set()
+
+    def hangup(_signum: int, _frame: object) -> None:
+        # Only noted here: the reload runs in the loop below, outside the signal handler.
+        hangups.append(1)
+        wake.set()
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
-    while not stop.wait(1.0):
-        pass
+    if hasattr(signal, "SIGHUP"):  # not on Windows
+        signal.signal(signal.SIGHUP, hangup)  # its default action ends the process silently
+    while not stop.is_set():
+        wake.wait(1.0)
+        wake.clear()
+        while hangups and not stop.is_set():
+            hangups.pop()
+            log.info("received SIGHUP, reloading")
+            try:
+                if on_hangup is not None:
+                    on_hangup()
+            except Exception:  # a failed reload must not end a serving exporter
+                log.exception("reloading on SIGHUP failed")
 
 
 class StartupError(Exception):
@@ -126,7 +149,7 @@ def run_exporter(config: ExporterConfig) -> int:
         f"metrics at {exporter.url}/metrics",
         flush=True,
     )
-    wait_for_signal()
+    wait_for_signal(on_hangup=exporter.server.reload_web_config)
     exporter.stop()
     return 0
 
@@ -147,7 +170,7 @@ def run_demo(config: ExporterConfig, tasks_per_second: float) -> int:
         flush=True,
     )
     print(f"celery-obs demo: metrics at {exporter.url}/metrics (Ctrl-C to stop)", flush=True)
-    wait_for_signal()
+    wait_for_signal(on_hangup=exporter.server.reload_web_config)
     cluster.stop()
     exporter.stop()
     return 0
@@ -181,7 +204,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             "exporter: --broker-url (or CELERY_OBS_BROKER_URL / CELERY_BROKER_URL) is required"
         )
     config = config_from_args(args)
-    setup_logging(config.log_level)
+    if hasattr(signal, "SIGHUP"):  # a SIGHUP while starting must not end the process either
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    setup_logging(config.log_level, config.scrubber())
     try:
         if args.command == "demo":
             return run_demo(config, args.tasks_per_second)

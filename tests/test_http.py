@@ -1,14 +1,21 @@
-"""`/metrics` and `/healthz` over real sockets: HTTPS with basic auth from a web-config file."""
+"""`/metrics` and `/healthz` over real sockets: HTTPS with basic auth from a web-config file,
+and the HTTP protocol as the endpoint speaks it (HEAD, content coding, keep-alive, errors).
+
+The helpers here (`running`, `exchange`, `basic`, ...) serve the other tests/test_http_*.py too.
+"""
 
 from __future__ import annotations
 
 import base64
 import gzip
 import http.client
+import re
 import shutil
+import socket
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import bcrypt
@@ -16,7 +23,8 @@ import pytest
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from exporter.config import parse_listen_address
-from exporter.http import MetricsServer
+from exporter.http import Limits, MetricsServer
+from exporter.httpwire import wants_gzip
 from exporter.webconfig import WebConfigError, load_web_config
 
 from support import ExporterProcess, free_port, http_get, run_exporter_cli, wait_for
@@ -40,6 +48,25 @@ def write_web_config(directory: Path, cert: Path, key: Path) -> Path:
         "basic_auth_users:\n"
         f"  prometheus: '{hashed}'\n"
     )
+    return path
+
+
+def write_tls_config(
+    directory: Path, certificate: tuple[Path, Path], users: dict[str, str] | None = None
+) -> Path:
+    """Copy the certificate and its key into `directory`, with a web config serving them (and
+    `users`: name -> bcrypt hash) next to them."""
+    for source in certificate:
+        shutil.copy(source, directory / source.name)
+    path = directory / "web-config.yml"
+    lines = [
+        "tls_server_config:",
+        f"  cert_file: {certificate[0].name}",
+        f"  key_file: {certificate[1].name}",
+    ]
+    if users:
+        lines += ["basic_auth_users:", *(f"  {name}: '{hashed}'" for name, hashed in users.items())]
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 
@@ -78,6 +105,57 @@ def tls_server(
 def basic(user: str, password: str) -> dict[str, str]:
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
     return {"Authorization": f"Basic {token}"}
+
+
+BODY = b"# TYPE celery_test_events_total counter\ncelery_test_events_total 3.0\n" * 50
+
+
+@contextmanager
+def running(
+    render: Callable[[], tuple[bytes, str]] = lambda: (BODY, CONTENT_TYPE_LATEST),
+    web_config=None,
+    limits: Limits | None = None,
+    health=lambda: (True, "ok: fine"),
+    **options,
+) -> Iterator[MetricsServer]:
+    """A MetricsServer on a free 127.0.0.1 port, serving in a thread, closed afterwards."""
+    server = MetricsServer(("127.0.0.1", 0), render, health, web_config, limits, **options)
+    server.serve_in_thread()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def connect(server: MetricsServer, context: ssl.SSLContext | None = None, timeout: float = 10):
+    sock = socket.create_connection(server.server_address[:2], timeout=timeout)
+    return context.wrap_socket(sock, server_hostname="127.0.0.1") if context else sock
+
+
+def read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def exchange(server: MetricsServer, data: bytes, context: ssl.SSLContext | None = None) -> bytes:
+    """Send raw bytes, read everything the server answers until it closes."""
+    with connect(server, context) as sock:
+        sock.sendall(data)
+        return read_all(sock)
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+def headers_of(response: bytes) -> dict[str, str]:
+    head = response.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")[1:]
+    return {
+        name.lower(): value.strip() for name, _, value in (line.partition(":") for line in head)
+    }
 
 
 def test_https_with_the_right_user_serves_metrics(tls_server) -> None:
@@ -160,7 +238,7 @@ def test_concurrent_scrapes(registry) -> None:
         ("tls_server_config: [", "not valid YAML"),
         ("tls_server_config:\n  cert_file: a.crt\n", "needs both cert_file and key_file"),
         ("tls_server_config:\n  cert_file: no.crt\n  key_file: no.key\n", "cannot load cert_file"),
-        ("basic_auth_users:\n  alice: plaintext\n", "basic_auth_users.alice must be a bcrypt hash"),
+        ("basic_auth_users:\n  alice: plaintext\n", "basic_auth_users.alice: not a bcrypt hash"),
         ("tls_server_cfg: {}\n", "unknown key(s) in the web config: tls_server_cfg"),
         ("- a list\n", "the web config must be a mapping"),
     ],
@@ -235,8 +313,8 @@ def test_malformed_web_config_stops_the_cli_at_startup(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip().endswith(
-        f"celery-obs: invalid --web.config.file: {path}: basic_auth_users.alice must be a "
-        "bcrypt hash ($2y$...)"
+        f"celery-obs: invalid --web.config.file: {path}: basic_auth_users.alice: not a bcrypt "
+        "hash (want $2y$, $2b$ or $2a$, a cost, $ and 53 characters)"
     )
 
 
@@ -262,3 +340,111 @@ def test_bad_listen_address(address: str) -> None:
 def test_wait_for_reports_the_last_value() -> None:
     with pytest.raises(AssertionError, match="waiting for nothing; last: 0"):
         wait_for(lambda: 0, 0.05, "nothing")
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/healthz", "/", "/nope"])
+def test_head_answers_every_path_with_the_get_headers_and_no_body(path: str) -> None:
+    with running() as server:
+        get = exchange(server, f"GET {path} HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
+        head = exchange(server, f"HEAD {path} HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
+    assert status_of(head) == status_of(get)
+    assert head.endswith(b"\r\n\r\n") and head.count(b"\r\n\r\n") == 1  # nothing after the head
+    head_headers, get_headers = headers_of(head), headers_of(get)
+    for name in ("content-length", "content-type", "vary"):
+        assert head_headers.get(name) == get_headers.get(name)
+    assert int(get_headers["content-length"]) == len(get.split(b"\r\n\r\n", 1)[1]) > 0
+
+
+@pytest.mark.parametrize(
+    ("accept_encoding", "gzipped"),
+    [
+        ("gzip", True),
+        ("GZIP", True),
+        ("x-gzip", True),
+        ("deflate, gzip;q=0.8", True),
+        ("*", True),
+        ("gzip;q=0", False),
+        ("gzip; q=0.000", False),
+        ("gzip;q=0.5, identity", False),
+        ("*;q=0, identity", False),
+        ("gzip;q=0, *", False),
+        ("br;q=1, gzip;q=0.1", True),
+        ("identity;q=0, *;q=0.1", True),
+        ("gzip;q=nonsense", False),
+        ("deflate, br", False),
+        ("", False),
+    ],
+)
+def test_accept_encoding_is_negotiated_with_q_values(accept_encoding: str, gzipped: bool) -> None:
+    assert wants_gzip(accept_encoding) is gzipped
+    with running() as server:
+        connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=5)
+        connection.request("GET", "/metrics", headers={"Accept-Encoding": accept_encoding})
+        response = connection.getresponse()
+        body = response.read()
+    assert response.status == 200
+    assert response.getheader("Vary") == "Accept-Encoding"
+    assert response.getheader("Content-Encoding") == ("gzip" if gzipped else None)
+    assert (gzip.decompress(body) if gzipped else body) == BODY
+
+
+def test_metrics_without_accept_encoding_is_identity_and_still_varies() -> None:
+    with running() as server:
+        response = exchange(server, b"GET /metrics HTTP/1.0\r\n\r\n")
+    assert headers_of(response)["vary"] == "Accept-Encoding"
+    assert "content-encoding" not in headers_of(response)
+    assert response.split(b"\r\n\r\n", 1)[1] == BODY
+
+
+def test_other_methods_get_405_naming_the_allowed_ones() -> None:
+    with running() as server:
+        response = exchange(server, b"POST /metrics HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi")
+    assert status_of(response) == 405
+    assert headers_of(response)["allow"] == "GET, HEAD"
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET /metrics\r\n\r\n", 400),
+        (b"GET /metrics HTTP/2.0\r\n\r\n", 505),
+        (b"GET /metrics HTTP/1.1\r\nBad Header: x\r\n\r\n", 400),
+        (b"GET /metrics HTTP/1.1\r\nX: a\r\n folded\r\n\r\n", 400),
+        (b"GET /metrics HTTP/1.1\r\nNoColon\r\n\r\n", 400),
+    ],
+)
+def test_malformed_requests_get_a_4xx_and_the_connection_closes(
+    request_bytes: bytes, status: int
+) -> None:
+    with running() as server:
+        response = exchange(server, request_bytes)
+    assert status_of(response) == status
+    assert headers_of(response)["connection"] == "close"
+
+
+def test_keep_alive_serves_pipelined_requests_in_order() -> None:
+    with running() as server, connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n\r\nHEAD /metrics HTTP/1.1\r\n\r\n")
+        sock.sendall(b"GET /nope HTTP/1.1\r\nConnection: close\r\n\r\n")
+        answers = read_all(sock)
+    assert re.findall(rb"HTTP/1.1 (\d+)", answers) == [b"200", b"200", b"404"]
+
+
+def test_an_absolute_form_target_is_served_by_its_path() -> None:
+    with running() as server:
+        response = exchange(server, b"GET http://127.0.0.1/healthz?x=1 HTTP/1.0\r\n\r\n")
+    assert response.endswith(b"\r\n\r\nok: fine\n")
+
+
+def test_render_failure_is_a_500_and_the_next_scrape_renders_again() -> None:
+    calls = []
+
+    def render() -> tuple[bytes, str]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("tracker broke")
+        return BODY, CONTENT_TYPE_LATEST
+
+    with running(render) as server:
+        assert http_get(f"{server.url}/metrics")[0] == 500
+        assert http_get(f"{server.url}/metrics") == (200, BODY.decode())
