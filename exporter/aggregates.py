@@ -100,7 +100,9 @@ class TaskMetrics:
         self.task_names = LabelLimiter(max_task_names)
         self.queues = LabelLimiter(max_queues)
         self.exceptions = LabelLimiter(max_exceptions)
-        self.counts: dict[str, dict[LabelKey, int]] = {kind: {} for kind in TASK_EVENTS}
+        self.counts: dict[str, dict[LabelKey, int]] = {
+            kind: {} for kind, t in TASK_EVENTS.items() if t.counted
+        }
         self.runtime: dict[LabelKey, Histogram] = {}
         self.queue_wait: dict[LabelKey, Histogram] = {}
         self.latency: dict[LabelKey, Histogram] = {}

@@ -1,10 +1,15 @@
 """Decode raw event messages into the event dicts Celery's own receiver would produce.
 
 This is the hot path, so it avoids kombu's serializer registry and celery's `Receiver`: a body is
-decoded with `json.loads` (or msgpack) by content type, a list body (workers batch task events as
-`task.multi`) is flattened, and each event's `timestamp` is adjusted to this host's UTC offset
-exactly as `celery.events.receiver.Receiver.event_from_message` does. Any other content type,
-pickle above all, is refused unread: the exporter must never unpickle what is on a shared broker.
+decoded with `json.loads` (or msgpack) by content type and a list body (workers batch task events
+as `task.multi`) is flattened. Any other content type, pickle above all, is refused unread: the
+exporter must never unpickle what is on a shared broker.
+
+One difference from Celery's receiver, on purpose: timestamps are kept as sent. The receiver
+"localizes" each event's `timestamp` by the difference between the sender's and its own UTC
+offset, but the timestamp is `time.time()`, seconds since the epoch, which no time zone changes:
+shifting it puts hours of error into every wait between hosts in different time zones, and into
+every comparison with an ETA (which is an absolute time).
 """
 
 from __future__ import annotations
@@ -15,8 +20,6 @@ import json
 import time
 from collections.abc import Callable
 from typing import Any
-
-from celery.utils.time import utcoffset as celery_utcoffset
 
 Event = dict[str, Any]
 
@@ -71,23 +74,10 @@ class EventDecoder:
     """
 
     def __init__(
-        self,
-        on_malformed: Callable[[str], None],
-        now: Callable[[], float] = time.time,
-        utcoffset: Callable[[], float] = celery_utcoffset,
+        self, on_malformed: Callable[[str], None], now: Callable[[], float] = time.time
     ) -> None:
         self._on_malformed = on_malformed
         self._now = now
-        self._utcoffset = utcoffset
-        self._offset_here = utcoffset()
-        self._offset_checked = 0.0
-
-    def _here(self, now: float) -> float:
-        # The local offset only changes at DST switches: look it up once a minute, not per event.
-        if now - self._offset_checked > 60.0:
-            self._offset_here = self._utcoffset()
-            self._offset_checked = now
-        return self._offset_here
 
     def decode_envelope(self, payload: bytes) -> list[Event]:
         """Decode a kombu virtual-transport envelope (a Redis pub/sub payload) and its body."""
@@ -117,20 +107,11 @@ class EventDecoder:
         if len(items) > MAX_EVENTS_PER_MESSAGE:
             raise MalformedMessage("too_many_events", f"{len(items)} events")
         now = self._now()
-        here = self._here(now)
         events: list[Event] = []
         for item in items:
             if not isinstance(item, dict) or not isinstance(item.get("type"), str):
                 self._on_malformed("not_an_event")
                 continue
-            offset = item.get("utcoffset")
-            timestamp = item.get("timestamp")
-            if offset is not None and timestamp is not None:
-                try:
-                    item["timestamp"] = timestamp - (offset - here) * 3600
-                except TypeError:
-                    self._on_malformed("bad_timestamp")
-                    continue
             item["local_received"] = now
             events.append(item)
         return events

@@ -20,6 +20,8 @@ class TaskEventType:
     ends_delivery: bool = False
     #: After this event nothing more is expected for the task id (unless it is sent again).
     final: bool = False
+    #: The event has a counter of its own (`celery_task_<type>_total`).
+    counted: bool = True
 
 
 TASK_EVENTS: dict[str, TaskEventType] = {
@@ -37,6 +39,9 @@ TASK_EVENTS: dict[str, TaskEventType] = {
         TaskEventType("task-revoked", ends_delivery=True, final=True),
         # Final unless requeued (`requeue=True`): the tracker looks at the field.
         TaskEventType("task-rejected", ends_delivery=True, final=True),
+        # The worker lost its broker connection before running the task: the message will be
+        # delivered again. It ends that delivery; it has no counter.
+        TaskEventType("task-cancelled", ends_delivery=True, counted=False),
     )
 }
 
@@ -44,6 +49,4 @@ WORKER_EVENTS = frozenset({"worker-online", "worker-heartbeat", "worker-offline"
 
 #: Every type counted under its own name in `celery_exporter_events_total`; anything else is
 #: counted as `other` (a bounded label however many types a sender invents).
-#: task-cancelled is known but not a counter: Celery sends it for a task whose worker lost its
-#: broker connection before running it, and the message is delivered again.
-KNOWN_EVENT_TYPES = frozenset({*TASK_EVENTS, "task-cancelled", *WORKER_EVENTS})
+KNOWN_EVENT_TYPES = frozenset({*TASK_EVENTS, *WORKER_EVENTS})

@@ -102,3 +102,38 @@ def retry_pow2(self, retries=3):
     if self.request.retries < retries:
         raise self.retry(countdown=2**self.request.retries)
     return self.request.retries
+
+
+# -- redeliveries: the same attempt delivered again, or the same id sent again.
+
+
+@app.task(name="obs.replaced", bind=True)
+def replaced(self):
+    """Task.replace(): the replacement runs under this task's id; this run ends with Ignore."""
+    raise self.replace(add.si(1, 1))
+
+
+@app.task(name="obs.requeue_once", bind=True, acks_late=True)
+def requeue_once(self, marker):
+    """Reject(requeue=True) on the first delivery (the marker file does not exist yet)."""
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        raise Reject("not yet", requeue=True)
+    return "ok"
+
+
+@app.task(name="obs.time_limit_requeue", acks_late=True, acks_on_timeout=False, time_limit=1)
+def time_limit_requeue(marker):
+    """A hard time limit under acks_late: rejected (requeued), failed, delivered again, done."""
+    if os.path.exists(marker):
+        return "ok"
+    open(marker, "w").close()
+    time.sleep(5)
+
+
+@app.task(name="obs.retry_elsewhere", bind=True, max_retries=1)
+def retry_elsewhere(self, queue):
+    """Retries once on another queue."""
+    if self.request.retries == 0:
+        raise self.retry(queue=queue, countdown=0)
+    return queue

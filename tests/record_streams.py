@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -56,6 +57,19 @@ def _canvas(app: Celery) -> int:
     return 6
 
 
+def _redeliveries(app: Celery) -> int:
+    prefork = f"{app.conf.task_default_queue}_prefork"
+    markers = tempfile.mkdtemp(prefix="celery-obs-markers-")
+    for i in range(2):
+        app.send_task("obs.requeue_once", (f"{markers}/requeue-{i}",))
+        app.send_task(
+            "obs.time_limit_requeue", (f"{markers}/limit-{i}",), queue=prefork
+        )  # time limits need prefork
+        app.send_task("obs.replaced")
+        app.send_task("obs.retry_elsewhere", (prefork,))
+    return 8
+
+
 #: Workload name -> the sends that make it, all at once (concurrency is part of the shape).
 WORKLOADS: dict[str, list[Send]] = {
     # The retry shapes that lost task-started events before attempts were placed by timestamp.
@@ -78,7 +92,12 @@ WORKLOADS: dict[str, list[Send]] = {
         _calls("obs.add", 2, 5, 5, countdown=1.5),
         _canvas,
     ],
+    # The same attempt delivered again, or the same id sent again: Reject(requeue=True), a
+    # hard time limit under acks_late, Task.replace(), and a retry sent to another queue.
+    "redeliveries": [_redeliveries],
 }
+#: Workloads whose every task ends in a success, after failures and rejections along the way.
+SUCCEED_IN_THE_END = frozenset({"redeliveries"})
 
 
 class StreamRecorder:
@@ -116,7 +135,9 @@ class StreamRecorder:
     def seen(self, kind: str, hostname: str) -> bool:
         return any(e["type"] == kind and e.get("hostname") == hostname for e in self.events)
 
-    def finished_tasks(self) -> int:
+    def finished_tasks(self, succeeded_only: bool = False) -> int:
+        if succeeded_only:  # redelivered tasks fail or reject before they succeed
+            return sum(e["type"] == "task-succeeded" for e in self.events)
         return len({e["uuid"] for e in self.events if e["type"] in FINAL})
 
     def close(self) -> None:
@@ -158,8 +179,11 @@ def record(kind: str, workload: str) -> Path:
             app = producer(url, queue)
             app.conf.task_routes = {"obs.sleep": {"queue": f"{queue}_prefork"}}
             expected = sum(send(app) for send in WORKLOADS[workload])
+            succeeded_only = workload in SUCCEED_IN_THE_END
             recorder.pump_until(
-                lambda: recorder.finished_tasks() >= expected, 120, f"{expected} tasks to finish"
+                lambda: recorder.finished_tasks(succeeded_only) >= expected,
+                120,
+                f"{expected} tasks to finish",
             )
             for worker in workers:
                 worker.close()  # SIGTERM: a warm shutdown that ends with worker-offline

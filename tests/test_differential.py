@@ -4,8 +4,9 @@ workload. Every (task name, event type) count of the exporter equals the Receive
 
 The workload is the one the recorded streams were made from (tests/record_streams.py): autoretry
 with backoff, countdown retries, exhausted retries, countdown=0 retries during a burst and
-`countdown=2 ** retries`, plus failures, a hard time limit, a reject, an unknown task, ETA tasks
-and canvas.
+`countdown=2 ** retries`, plus failures, a hard time limit, a reject, an unknown task, ETA tasks,
+canvas, and redeliveries: Reject(requeue=True), a time limit under acks_late, Task.replace and a
+retry to another queue.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ class ReferenceReceiver:
 
     def __init__(self, broker_url: str) -> None:
         self.app = Celery(broker=broker_url, set_as_current=False)
-        self.names: dict[str, str] = {}
         self.events: list[dict] = []
         self.lock = threading.Lock()
         self.connection = self.app.connection_for_read()
@@ -42,24 +42,36 @@ class ReferenceReceiver:
     def _on_event(self, event: dict) -> None:
         with self.lock:
             self.events.append(event)
-            if event.get("name") and event.get("uuid"):
-                self.names[event["uuid"]] = event["name"]
 
     def seen(self, kind: str, hostname: str) -> bool:
         with self.lock:
             return any(e["type"] == kind and e.get("hostname") == hostname for e in self.events)
 
     def finished_tasks(self) -> int:
+        """Task ids with a final event after their last delivery (a task redelivered after a
+        time limit under acks_late fails first, then runs again)."""
         with self.lock:
-            return len({e["uuid"] for e in self.events if e["type"] in FINAL})
+            last_final: dict[str, int] = {}
+            last_received: dict[str, int] = {}
+            for i, event in enumerate(self.events):
+                if event["type"] in FINAL:
+                    last_final[event["uuid"]] = i
+                elif event["type"] == "task-received":
+                    last_received[event["uuid"]] = i
+            return sum(1 for u, i in last_final.items() if i > last_received.get(u, -1))
 
     def counts(self) -> Counter:
+        """(name, type) -> events, each named by its task id's name as the stream said so
+        far (Task.replace runs another task under the same id)."""
+        names: dict[str, str] = {}
+        counts: Counter = Counter()
         with self.lock:
-            return Counter(
-                (self.names.get(e.get("uuid"), "unknown"), e["type"])
-                for e in self.events
-                if e["type"].startswith("task-")
-            )
+            for event in self.events:
+                if event.get("name") and event.get("uuid"):
+                    names[event["uuid"]] = event["name"]
+                if event["type"].startswith("task-") and event["type"] != "task-cancelled":
+                    counts[(names.get(event.get("uuid"), "unknown"), event["type"])] += 1
+        return counts
 
     def close(self) -> None:
         self.receiver.should_stop = True
@@ -103,7 +115,8 @@ def test_the_exporter_counts_what_celerys_own_receiver_counts(
 
     app = producer(broker_url, queue)
     app.conf.task_routes = {"obs.sleep": {"queue": f"{queue}_prefork"}}
-    expected = sum(send(app) for send in WORKLOADS["retries"] + WORKLOADS["lifecycles"])
+    workload = WORKLOADS["retries"] + WORKLOADS["lifecycles"] + WORKLOADS["redeliveries"]
+    expected = sum(send(app) for send in workload)
     wait_for(lambda: reference.finished_tasks() >= expected, 120, f"{expected} tasks finished")
     for worker in workers:  # a warm shutdown sends what the workers still buffer
         worker.close()

@@ -2,10 +2,12 @@
 decoder and the tracker: every event of the stream is counted, exactly, under its task's name.
 
 The reference is what Celery's own receiver sees: each message of the stream, one event per
-entry, a task's name taken from whichever of its events carries one. The `retries` streams are
-the shapes that lost task-started events before attempts were placed by delivery: autoretry with
-backoff, countdown retries, exhausted retries, countdown=0 retries during a burst, and
+entry, a task's name taken from the last of its events that carried one. The `retries` streams
+are the shapes that lost task-started events before attempts were placed by delivery: autoretry
+with backoff, countdown retries, exhausted retries, countdown=0 retries during a burst, and
 `countdown=2 ** retries` on a two-process worker, with a prefork and a threads worker at once.
+The `redeliveries` streams deliver the same attempt again (Reject(requeue=True), a hard time
+limit under acks_late) or send the same id again (Task.replace), and retry to another queue.
 """
 
 from __future__ import annotations
@@ -37,12 +39,16 @@ def replay(path: Path) -> tuple[TrackerView, list[dict]]:
 
 
 def reference_counts(events: list[dict]) -> Counter:
-    names = {e["uuid"]: e["name"] for e in events if e.get("name") and e.get("uuid")}
-    return Counter(
-        (names.get(e.get("uuid"), "unknown"), e["type"])
-        for e in events
-        if e["type"].startswith("task-")
-    )
+    """(name, type) -> events, each named by its task id's name as the stream said so far
+    (Task.replace runs another task under the same id: its events are the new name's)."""
+    names: dict[str, str] = {}
+    counts: Counter = Counter()
+    for event in events:
+        if event.get("name") and event.get("uuid"):
+            names[event["uuid"]] = event["name"]
+        if event["type"].startswith("task-") and event["type"] != "task-cancelled":
+            counts[(names.get(event.get("uuid"), "unknown"), event["type"])] += 1
+    return counts
 
 
 def exporter_counts(view: TrackerView) -> Counter:
@@ -67,7 +73,7 @@ def at_most(counts: list[int], bound: float) -> int:
 def test_the_recordings_are_there() -> None:
     assert {p.name for p in PATHS} == {
         f"{workload}-{broker}.jsonl"
-        for workload in ("retries", "lifecycles")
+        for workload in ("retries", "lifecycles", "redeliveries")
         for broker in ("redis", "amqp")
     }
 
@@ -119,3 +125,39 @@ def test_a_hard_time_limit_is_two_failed_events_and_one_measured_failure(broker:
     assert sum(runtimes) == 1
     assert 1.0 <= total < 2.0  # killed at its 1 s hard limit
     assert view.unmeasured == {}
+
+
+def series_by_name(series, name: str) -> dict:
+    return {key[1:]: value for key, value in series.items() if key[0] == name}
+
+
+@pytest.mark.parametrize("broker", ["redis", "amqp"])
+def test_redelivered_attempts_are_measured_once_each_and_labelled_by_their_queue(
+    broker: str,
+) -> None:
+    view, events = replay(STREAMS / f"redeliveries-{broker}.jsonl")
+    assert view.unmeasured == {}
+    assert view.negative_durations == {}
+    queue = next(e["queue"] for e in events if e.get("name") == "obs.requeue_once")
+    prefork = f"{queue}_prefork"
+    # Reject(requeue=True), then delivered again: two runs, one outcome, both waits measured.
+    assert view.task_counts["task-received"][("obs.requeue_once", queue)] == 4
+    assert view.task_counts["task-rejected"][("obs.requeue_once", queue)] == 2
+    assert sum(view.queue_wait[("obs.requeue_once", queue)].counts) == 4
+    # A hard time limit under acks_late: rejected and failed (1 s), then a run that succeeds.
+    runtimes = series_by_name(view.runtime, "obs.time_limit_requeue")
+    counts, total = runtimes[(prefork, "failed")].counts, runtimes[(prefork, "failed")].sum
+    assert sum(counts) == 2
+    assert 2.0 <= total < 3.0
+    assert sum(runtimes[(prefork, "succeeded")].counts) == 2
+    # Task.replace(): the replacement's run is measured under its own name, from its own send.
+    assert view.task_counts["task-succeeded"][("obs.add", queue)] == 2
+    assert sum(view.runtime[("obs.add", queue, "succeeded")].counts) == 2
+    assert at_most(view.queue_wait[("obs.add", queue)].counts, 0.5) == 2
+    # A retry to another queue: each attempt counted and measured under its own queue.
+    for kind in ("task-sent", "task-received", "task-started"):
+        assert series_by_name(view.task_counts[kind], "obs.retry_elsewhere") == {
+            (queue,): 2,
+            (prefork,): 2,
+        }, kind
+    assert series_by_name(view.task_counts["task-retried"], "obs.retry_elsewhere") == {(queue,): 2}

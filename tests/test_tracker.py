@@ -586,12 +586,14 @@ def test_values_no_event_should_hold_are_counted_and_skipped(tracker: Tracker) -
     assert view.task_counts["task-failed"] == {(*KEY, "E"): 1}
     assert all(math.isfinite(h.sum) for t in (view.runtime, view.latency) for h in t.values())
     # "" as uuid; a runtime past float range and an infinite finish time (no runtime, no
-    # latency); a latency of 2e308 (infinite). Each costs only its own measurement.
+    # latency); a latency of 2e308 (infinite), and a failure whose run was not seen. Each costs
+    # only its own measurement.
     assert view.malformed == {"missing_uuid": 1}
     assert view.unmeasured == {
         ("runtime", "no_timestamp"): 1,
         ("latency", "no_timestamp"): 1,
         ("latency", "implausible"): 1,
+        ("runtime", "unplaced"): 1,
     }
     assert view.tasks_tracked == 0
 
@@ -707,3 +709,148 @@ def test_parse_eta() -> None:
     assert parse_eta("1970-01-01T00:01:00") == 60.0  # naive: UTC
     assert parse_eta("not a date") is None
     assert parse_eta(None) is None
+
+
+# -- deliveries that never end, and ids sent again (found by review, shapes from real workers) --
+
+
+def test_a_killed_run_delivered_again_to_the_same_worker_does_not_take_later_events(
+    tracker: Tracker,
+) -> None:
+    # acks_late: the worker is SIGKILLed mid-run and comes back under the same name; the
+    # message is delivered again, retried with a 10 s countdown, and attempt 1 fails.
+    eta = "1970-01-01T00:00:41+00:00"
+    tracker.handle_all(
+        [
+            sent(ts=0.0),
+            received(ts=0.1),
+            ev("task-started", ts=0.2),  # ... and nothing more from that run
+            received(ts=30.0),
+            ev("task-started", ts=30.1),
+            sent(ts=31.0, retries=1, eta=eta),
+            ev("task-retried", ts=31.01),
+            received(ts=31.05, retries=1, eta=eta),
+            ev("task-started", ts=41.0),
+            ev("task-failed", ts=42.0, exception="ValueError('x')"),
+        ]
+    )
+    view = state(tracker)
+    assert observations(view.runtime, (*KEY, "failed")) == (1, 1.0)  # not 11.9: no countdown
+    assert view.unmeasured == {}
+
+
+def test_task_cancelled_ends_its_delivery(tracker: Tracker) -> None:
+    tracker.handle_all(
+        [
+            sent(ts=0.0),
+            received(ts=0.1),
+            ev("task-started", ts=0.2),
+            ev("task-cancelled", ts=0.3),  # the worker lost its broker: delivered again
+            received(ts=60.0, hostname="b@h"),
+            ev("task-started", ts=60.1, hostname="b@h"),
+            ev("task-failed", ts=61.1, hostname="b@h", exception="ValueError('x')"),
+        ]
+    )
+    view = state(tracker)
+    assert observations(view.runtime, (*KEY, "failed")) == (1, 1.0)
+    assert "task-cancelled" not in view.task_counts  # known, but not a counter
+    assert view.events_by_type["task-cancelled"] == 1
+
+
+def test_task_replace_measures_the_replacement_from_its_own_send(tracker: Tracker) -> None:
+    # The replacement is sent under the same id and its delivery may arrive before its send;
+    # the replaced run ends with Ignore, which sends no event.
+    tracker.handle_all(
+        [
+            sent(ts=0.0, name="app.a"),
+            received(ts=0.1, name="app.a"),
+            ev("task-started", ts=0.2),
+            received(ts=5.1, name="app.b"),
+            sent(ts=5.0, name="app.b"),
+            ev("task-started", ts=5.2),
+            ev("task-failed", ts=6.2, exception="ValueError('x')"),
+        ]
+    )
+    view = state(tracker)
+    assert view.task_counts["task-started"] == {("app.a", "q1"): 1, ("app.b", "q1"): 1}
+    assert observations(view.runtime, ("app.b", "q1", "failed")) == (1, 1.0)
+    assert observations(view.queue_wait, ("app.b", "q1")) == (1, 0.2)
+    assert observations(view.latency, ("app.b", "q1")) == (1, 6.2)  # the caller's whole wait
+
+
+def test_a_time_limit_under_acks_late_is_one_task_run_twice(tracker: Tracker) -> None:
+    # As Celery 5.7 sends it: rejected (requeued) before failed, then delivered again.
+    tb = "Traceback...\nbilliard.exceptions.TimeLimitExceeded: TimeLimitExceeded(1,)\n"
+    tracker.handle_all(
+        [
+            sent(ts=0.0),
+            received(ts=0.1),
+            ev("task-started", ts=0.2),
+            ev("task-rejected", ts=1.2, requeue=True),
+            ev("task-failed", ts=1.21, exception="ExceptionWithTraceback()", traceback=tb),
+            received(ts=2.0, hostname="b@h"),
+            ev("task-started", ts=2.1, hostname="b@h"),
+            ev("task-succeeded", ts=2.2, hostname="b@h", runtime=0.1),
+        ]
+    )
+    view = state(tracker)
+    assert view.task_counts["task-received"] == {KEY: 2}  # same queue, same record
+    assert view.task_counts["task-succeeded"] == {KEY: 1}
+    assert observations(view.runtime, (*KEY, "failed")) == (1, 1.01)
+    assert observations(view.runtime, (*KEY, "succeeded")) == (1, 0.1)
+    assert observations(view.latency, KEY) == (1, 1.21)  # once per task id: its first outcome
+    assert view.tasks_tracked == 0
+
+
+def test_a_retry_to_another_queue_labels_each_attempt_by_its_own_queue(tracker: Tracker) -> None:
+    tracker.handle_all(
+        [
+            sent(ts=1.0),
+            received(ts=1.1),
+            sent(ts=1.3, retries=1, queue="slow"),  # overtakes attempt 0's start, as in prefork
+            ev("task-started", ts=1.2),
+            ev("task-retried", ts=1.31),
+            received(ts=1.4, retries=1),
+            ev("task-started", ts=1.5),
+            ev("task-succeeded", ts=1.6, runtime=0.1),
+        ]
+    )
+    view = state(tracker)
+    for kind in ("task-sent", "task-received", "task-started"):
+        assert view.task_counts[kind] == {KEY: 1, ("app.add", "slow"): 1}, kind
+    assert view.task_counts["task-retried"] == {KEY: 1}
+    assert observations(view.queue_wait, KEY) == (1, 0.2)
+    assert observations(view.queue_wait, ("app.add", "slow")) == (1, 0.2)
+
+
+def test_a_task_delivered_forever_costs_a_bounded_amount(tracker: Tracker) -> None:
+    tracker.handle(sent(ts=0.0))
+    for i in range(2_000):  # Reject(requeue=True) in a loop
+        t = 1.0 + i
+        tracker.handle_all(
+            [
+                received(ts=t),
+                ev("task-started", ts=t + 0.1),
+                ev("task-rejected", ts=t + 0.2, requeue=True),
+            ]
+        )
+    record = tracker.tasks.inflight["t1"]
+    assert len(record.deliveries) <= 8
+    assert len(record.fingerprints) <= 64
+    view = state(tracker)
+    assert view.task_counts["task-received"] == {KEY: 2_000}
+    assert observations(view.queue_wait, KEY)[0] == 2_000
+
+
+def test_a_name_that_is_not_a_string_relabels_nothing(tracker: Tracker) -> None:
+    tracker.handle_all([sent(), received(), ev("task-started", name=7), ev("task-succeeded")])
+    assert counts(tracker, "task-started") == {KEY: 1}
+
+
+def test_a_wait_that_can_never_be_measured_is_counted_when_its_task_is_evicted(
+    clock: Clock,
+) -> None:
+    tracker = Tracker(Limits(max_tracked_tasks=1), clock=clock)
+    tracker.handle_all([sent(uuid="a"), received(uuid="a", retries=1), ev("task-started", "a")])
+    tracker.handle(sent(uuid="b"))  # evicts a, whose attempt 1 waited for its task-sent
+    assert state(tracker).unmeasured == {("queue_wait", "evicted"): 1}
