@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import urllib.parse
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 from elasticsearch import Elasticsearch
@@ -128,6 +128,32 @@ class ElasticsearchSink:
     def send(self, lines: list[bytes]) -> None:
         if not lines:
             return
+        # A request refused whole as too large (413) is split in halves, down to one document,
+        # so that only a document too large on its own is refused.
+        chunks: deque[list[bytes]] = deque([lines])
+        retry: list[bytes] = []
+        reason = ""
+        while chunks:
+            chunk = chunks.popleft()
+            chunk_retry, chunk_reason, too_large = self._bulk(chunk)
+            if too_large and len(chunk) > 1:
+                half = len(chunk) // 2
+                chunks.extendleft((chunk[half:], chunk[:half]))
+                continue
+            retry += chunk_retry
+            reason = reason or chunk_reason
+            if chunk_retry and len(chunk_retry) == len(chunk) and chunks:
+                # The whole request failed (unreachable, timeout): so would the rest.
+                retry += [line for rest in chunks for line in rest]
+                break
+        if retry:
+            raise SinkError(
+                f"Elasticsearch: {len(retry)} of {len(lines)} documents to retry ({reason})",
+                remaining=None if len(retry) == len(lines) else retry,
+            )
+
+    def _bulk(self, lines: list[bytes]) -> tuple[list[bytes], str, bool]:
+        """One bulk request: (the lines to retry, why, whether it was refused as too large)."""
         results: list[tuple[bool, dict[str, Any]]] = []
         reason = ""
         try:
@@ -146,6 +172,12 @@ class ElasticsearchSink:
         # (a proxy answering 200 with another body) must not kill the handler's thread either.
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
+        if (
+            len(lines) > 1
+            and len(results) == len(lines)
+            and all(not ok and "exception" in i and i.get("status") == 413 for ok, i in results)
+        ):
+            return [], reason, True
         retry: list[bytes] = []
         # Fewer results than lines when the request failed midway: see below the loop.
         for line, (ok, info) in zip(lines, results, strict=False):
@@ -160,11 +192,7 @@ class ElasticsearchSink:
             else:
                 self._reject(info)
         retry += lines[len(results) :]  # no answer for these: not known to be stored
-        if retry:
-            raise SinkError(
-                f"Elasticsearch: {len(retry)} of {len(lines)} documents to retry ({reason})",
-                remaining=None if len(retry) == len(lines) else retry,
-            )
+        return retry, reason, False
 
     def _reject(self, info: dict[str, Any]) -> None:
         error = info.get("error")

@@ -7,23 +7,26 @@ Structured fields reach a record through `extra={"ecs": {...}}` (nested dicts, m
 current task's id and name through `context.TaskContextFilter`. Other `extra={...}` fields are
 kept at the top level (merged the same way; ECS fields win on a clash).
 
-A record orjson cannot write (an int beyond 64 bits, a lone surrogate, nesting past its limit)
-is written by the standard library instead, big ints as strings: a record is never lost to its
-values.
+Secrets never leave: the message (its arguments included), the exception's message and the
+stack trace are scrubbed by value (`scrub.py`), and `extra` fields by key and value
+(`redact.Redactor.fields`), which also turns a container holding itself into "[circular]".
+A record orjson cannot write (a lone surrogate, nesting past its limit) is written by the
+standard library instead: a record is never lost to its values.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import socket
 import traceback
 from datetime import datetime, timezone
 from typing import Any
 
 from pythonjsonlogger.core import RESERVED_ATTRS, merge_record_extra
-from pythonjsonlogger.json import JsonEncoder, JsonFormatter
+from pythonjsonlogger.json import JsonFormatter
+
+from .redact import Redactor
 
 try:  # python-json-logger's orjson variant serialises several times faster
     from pythonjsonlogger.orjson import OrjsonFormatter as _Base
@@ -35,16 +38,25 @@ ECS_VERSION = "8.11.0"
 ECS_ATTR = "ecs"
 #: LogRecord attribute the context filter sets: {"id": ..., "name": ...} of the running task.
 TASK_ATTR = "celery_task"
+#: LogRecord attribute saying the `ecs` fields were made safe already (the lifecycle records'
+#: are built from redacted arguments): not walked again, which would triple their cost.
+REDACTED_ATTR = "celery_obs_redacted"
 
-#: The ints Elasticsearch stores as numbers (`long`); others are written as strings.
-INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 #: Record attributes that are never copied out as `extra` fields: ours (rendered as ECS
 #: fields), and LogRecord's own (`taskName` is 3.12's; stack and exception become error.*).
 _NOT_EXTRA = frozenset(
-    {ECS_ATTR, TASK_ATTR, "taskName", "stack_info", "exc_info", "exc_text", "message", "asctime"}
+    {
+        ECS_ATTR,
+        TASK_ATTR,
+        REDACTED_ATTR,
+        "taskName",
+        "stack_info",
+        "exc_info",
+        "exc_text",
+        "message",
+        "asctime",
+    }
 )
-#: Past this depth the fallback writes "[...]" (orjson's own limit is 254).
-_MAX_DEPTH = 100
 
 
 def merge(into: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
@@ -59,44 +71,14 @@ def merge(into: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
     return into
 
 
-def int_text(value: int) -> str:
-    """An int as text, even one longer than `sys.get_int_max_str_digits()` allows."""
+def _text(exc: BaseException) -> str:
     try:
-        return str(value)
-    except ValueError:
-        return f"[{value.bit_length()}-bit int]"
+        return str(exc)
+    except Exception:  # a broken __str__ must not cost the record
+        return f"<{type(exc).__name__}>"
 
 
-def _plain(value: Any, depth: int = 0, path: frozenset[int] = frozenset()) -> Any:
-    """`value` made writable by any JSON encoder: ints out of 64-bit range as strings,
-    non-finite floats as null (as orjson writes them), keys as strings, cycles and depth cut,
-    other objects through python-json-logger's encoder (datetimes, dataclasses, bytes...)."""
-    if value is None or isinstance(value, (str, bool)):
-        return value
-    if isinstance(value, int):
-        return value if INT_MIN <= value <= INT_MAX else int_text(value)
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if depth >= _MAX_DEPTH:
-        return "[...]"
-    if id(value) in path:
-        return "[circular]"
-    inner = path | {id(value)}
-    if isinstance(value, dict):
-        return {
-            (k if isinstance(k, str) else str(_plain(k, depth + 1, inner))): _plain(
-                v, depth + 1, inner
-            )
-            for k, v in value.items()
-        }
-    if isinstance(value, (list, tuple)):
-        return [_plain(v, depth + 1, inner) for v in value]
-    try:
-        converted = JsonEncoder().default(value)
-    except Exception:  # a broken __str__ or __repr__: the record still goes out
-        converted = f"<{type(value).__name__}>"
-    return _plain(converted, depth + 1, inner)
-
+_FORMATS_CACHED = 1024  # format strings whose scan is remembered
 
 # The last whole second formatted, and its text; one tuple, read once, so threads that race on
 # it never pair one second's text with another's.
@@ -118,10 +100,17 @@ class EcsJsonFormatter(_Base):
     """One JSON object per record, ECS field names."""
 
     def __init__(
-        self, service_name: str = "celery", hostname: str | None = None, **kwargs: Any
+        self,
+        service_name: str = "celery",
+        hostname: str | None = None,
+        redactor: Redactor | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.service_name = service_name
+        #: Default patterns unless given: a formatter never writes secrets it can recognise.
+        self.redactor = redactor if redactor is not None else Redactor()
+        self._clean_formats: dict[str, bool] = {}
         self.hostname = hostname or socket.gethostname()
         self._not_extra = _NOT_EXTRA | set(self.reserved_attrs) | set(RESERVED_ATTRS)
 
@@ -129,7 +118,8 @@ class EcsJsonFormatter(_Base):
         try:
             return super().jsonify_log_record(log_data)
         except (TypeError, ValueError):  # orjson: "Integer exceeds 64-bit range" and the like
-            return json.dumps(_plain(log_data), ensure_ascii=True, allow_nan=False)
+            plain = self.redactor.fields(log_data)
+            return json.dumps(plain, ensure_ascii=True, allow_nan=False, default=str)
 
     def _extras(self, record: logging.LogRecord) -> dict[str, Any]:
         """`extra={...}` fields of the record. Celery passes the context of its own messages
@@ -143,12 +133,33 @@ class EcsJsonFormatter(_Base):
             del extras["data"]
         return extras
 
+    def _message(self, record: logging.LogRecord) -> str:
+        """The message, scrubbed. Most calls format numbers into a constant format string, and
+        digits cannot complete a secret's shape: those skip the scrub when the format string
+        is known to hold no hint of one."""
+        msg, args = record.msg, record.args
+        if args and type(msg) is str:
+            clean = self._clean_formats.get(msg)
+            if clean is None:
+                clean = not self.redactor.text.hint(msg)
+                if len(self._clean_formats) >= _FORMATS_CACHED:
+                    self._clean_formats.clear()
+                self._clean_formats[msg] = clean
+            if clean:
+                for arg in args if type(args) is tuple else (args,):
+                    if type(arg) is not int and type(arg) is not float:
+                        break
+                else:
+                    return record.message
+        return self.redactor.text(record.message)
+
     def add_fields(
         self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
     ) -> None:
         log_data["@timestamp"] = _timestamp(record.created)
         log_data["log.level"] = record.levelname.lower()
-        log_data["message"] = record.message
+        scrub = self.redactor.text
+        log_data["message"] = self._message(record)
         log_data["ecs.version"] = ECS_VERSION
         log_data["log"] = {
             "logger": record.name,
@@ -170,19 +181,20 @@ class EcsJsonFormatter(_Base):
             exc_type, exc, tb = record.exc_info
             log_data["error"] = {
                 "type": exc_type.__name__,
-                "message": str(exc),
-                "stack_trace": "".join(traceback.format_exception(exc_type, exc, tb)),
+                "message": scrub(_text(exc)),
+                "stack_trace": scrub("".join(traceback.format_exception(exc_type, exc, tb))),
             }
         elif record.stack_info:  # logger.info(..., stack_info=True)
-            log_data["error"] = {"stack_trace": record.stack_info}
+            log_data["error"] = {"stack_trace": scrub(record.stack_info)}
+        fields = self.redactor.fields
         extras = self._extras(record)
         if extras:
-            merge(log_data, extras)
+            merge(log_data, fields(extras))
         task = getattr(record, TASK_ATTR, None)
         if task:
             merge(log_data, {"celery": {"task": dict(task)}})
-        fields = getattr(record, ECS_ATTR, None)
-        if isinstance(fields, dict):
-            merge(log_data, fields)
+        ecs = getattr(record, ECS_ATTR, None)
+        if isinstance(ecs, dict):
+            merge(log_data, ecs if getattr(record, REDACTED_ATTR, False) else fields(ecs))
         if message_dict:  # logger.info({...}) style records
-            merge(log_data, message_dict)
+            merge(log_data, fields(message_dict))

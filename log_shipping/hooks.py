@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,8 +51,9 @@ class LogConfig:
     api_key: str | None = None
     ca_certs: str | None = None
     verify_certs: bool = True
-    # Per user: a directory another user made first in the shared /tmp must not catch ours.
-    spool_dir: str = os.path.join(tempfile.gettempdir(), f"celery-obs-log-spool-{os.getuid()}")
+    #: None: `$TMPDIR/celery-obs-log-spool-<uid>`, looked up only when a network output needs
+    #: it (`outputs.default_spool_root`): importing must work without a temporary directory.
+    spool_dir: str | None = None
     spool_max_mb: int = 256
     flush_interval: float = 0.5
     data_stream: str = "logs-celery-default"
@@ -145,7 +145,9 @@ class JsonLogging:
 
     def __init__(self, config: LogConfig) -> None:
         self.config = config
-        self.formatter = EcsJsonFormatter(service_name=config.service_name)
+        # Secrets are taken out of every record, arguments logged or not.
+        self.redactor = Redactor(config.redact, config.max_value_length)
+        self.formatter = EcsJsonFormatter(service_name=config.service_name, redactor=self.redactor)
         self.filter = TaskContextFilter()
         specs = outputs.split_outputs(config.output)
         self.local = [spec for spec in specs if outputs.is_local(spec)]
@@ -246,7 +248,7 @@ def install(
     json_logging.connect()
     # Python warnings (Celery's own included) become log records, hence JSON, too.
     logging.captureWarnings(True)
-    redactor = Redactor(config.redact, config.max_value_length) if config.include_args else None
+    redactor = json_logging.redactor if config.include_args else None
     lifecycle = Lifecycle(redactor, level=logging.getLevelName(config.level or "INFO"))
     lifecycle.connect()
     _installed.append((json_logging, lifecycle))

@@ -10,6 +10,7 @@ so a task applied eagerly inside another leaves the outer one's context in place
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections import OrderedDict
@@ -18,7 +19,7 @@ from typing import Any
 from celery import signals
 
 from .context import enter, leave
-from .formatter import ECS_ATTR
+from .formatter import ECS_ATTR, REDACTED_ATTR
 from .redact import Redactor
 
 logger = logging.getLogger("celery_obs.lifecycle")
@@ -42,6 +43,7 @@ class Lifecycle:
         self._started: _Recent = _Recent()
         self._failed: _Recent = _Recent()
         self._tokens: _Recent = _Recent()  # task id -> the token restoring the outer context
+        self._params: dict[str, tuple[str, ...]] = {}  # task name -> positional parameter names
 
     def connect(self) -> None:
         for signal, handler in (
@@ -81,10 +83,38 @@ class Lifecycle:
         fields: dict[str, Any] = {"event": event, "celery": {"task": task}}
         if worker:
             fields["celery"]["worker"] = {"hostname": worker}
-        logger.log(level, message, extra={ECS_ATTR: fields}, exc_info=exc_info)
+        # Safe already: arguments went through the redactor, the rest is Celery's own ids and
+        # names; the message and the exception are scrubbed by the formatter.
+        logger.log(level, message, extra={ECS_ATTR: fields, REDACTED_ATTR: True}, exc_info=exc_info)
+
+    def _param_names(self, task: Any) -> tuple[str, ...]:
+        """The task function's positional parameter names, so that `login.delay("bob", "pw")`
+        for `def login(user, password)` has its password redacted like a keyword would be."""
+        name = getattr(task, "name", None)
+        if not isinstance(name, str):
+            return ()
+        names = self._params.get(name)
+        if names is None:
+            try:  # `run` is bound for bind=True tasks: `self` is not among the parameters
+                parameters = inspect.signature(task.run).parameters.values()
+                names = tuple(
+                    p.name
+                    for p in parameters
+                    if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                )
+            except Exception:  # not a task, no signature: values are still scrubbed
+                names = ()
+            if len(self._params) < _RECENT:
+                self._params[name] = names
+        return names
 
     def _task_fields(
-        self, task_id: str | None, name: str | None, request: Any, state: str
+        self,
+        task_id: str | None,
+        name: str | None,
+        request: Any,
+        state: str,
+        task: Any = None,
     ) -> dict[str, Any]:
         fields: dict[str, Any] = {"id": task_id, "name": name, "state": state}
         if request is not None:
@@ -101,7 +131,8 @@ class Lifecycle:
             if hostname:
                 fields["worker_hostname"] = hostname
             if self.redactor is not None:
-                fields["args"] = self.redactor(list(getattr(request, "args", None) or []))
+                args = list(getattr(request, "args", None) or [])
+                fields["args"] = self.redactor.args(args, self._param_names(task))
                 fields["kwargs"] = self.redactor(dict(getattr(request, "kwargs", None) or {}))
         return {k: v for k, v in fields.items() if v is not None}
 
@@ -119,7 +150,7 @@ class Lifecycle:
         if task_id:
             self._tokens.remember(task_id, token)
             self._started.remember(task_id, time.monotonic_ns())
-        fields = self._task_fields(task_id, name, getattr(task, "request", None), "STARTED")
+        fields = self._task_fields(task_id, name, getattr(task, "request", None), "STARTED", task)
         self._emit(self.level, f"Task {name}[{task_id}] started", "task-started", "unknown", fields)
 
     def on_postrun(self, sender: Any = None, task_id: str | None = None, **_: Any) -> None:
@@ -130,7 +161,9 @@ class Lifecycle:
     ) -> None:
         request = getattr(sender, "request", None)
         task_id = getattr(request, "id", None)
-        fields = self._task_fields(task_id, getattr(sender, "name", None), request, "SUCCESS")
+        fields = self._task_fields(
+            task_id, getattr(sender, "name", None), request, "SUCCESS", sender
+        )
         duration = self._duration(task_id)
         if runtime is not None:
             fields["runtime"] = runtime
@@ -159,7 +192,7 @@ class Lifecycle:
             self._failed.remember(task_id, True)
         request = getattr(sender, "request", None)
         name = getattr(sender, "name", None)
-        fields = self._task_fields(task_id, name, request, "FAILURE")
+        fields = self._task_fields(task_id, name, request, "FAILURE", sender)
         duration = self._duration(task_id)
         if duration is not None:
             fields["runtime"] = duration / 1e9
@@ -179,7 +212,7 @@ class Lifecycle:
     ) -> None:
         task_id = getattr(request, "id", None)
         name = getattr(sender, "name", None)
-        fields = self._task_fields(task_id, name, request, "RETRY")
+        fields = self._task_fields(task_id, name, request, "RETRY", sender)
         self._emit(
             logging.WARNING,
             f"Task {name}[{task_id}] retry: {reason}",
@@ -200,7 +233,7 @@ class Lifecycle:
     ) -> None:
         task_id = getattr(request, "id", None)
         name = getattr(request, "task_name", None) or getattr(sender, "name", None)
-        fields = self._task_fields(task_id, name, request, "REVOKED")
+        fields = self._task_fields(task_id, name, request, "REVOKED", sender)
         fields.update(terminated=bool(terminated), expired=bool(expired))
         self._emit(
             logging.WARNING, f"Task {name}[{task_id}] revoked", "task-revoked", "failure", fields
@@ -242,7 +275,7 @@ class Lifecycle:
         **_: Any,
     ) -> None:
         name = getattr(sender, "name", None)
-        fields = self._task_fields(task_id, name, request, "FAILURE")
+        fields = self._task_fields(task_id, name, request, "FAILURE", sender)
         exc_info = (type(exception), exception, getattr(einfo, "tb", None)) if exception else None
         self._emit(
             logging.ERROR,

@@ -10,7 +10,9 @@
 - `elasticsearch+http://host:9200` or `elasticsearch+https://...`: an Elasticsearch data
   stream, through the bulk helpers.
 
-Every network entry gets its own `ShippingHandler`, with its own spool directory.
+Every network entry gets its own `ShippingHandler`, with its own spool directory; when that
+directory cannot be used (no temporary directory, a read-only filesystem), the handler keeps
+undelivered records in memory and says so once on stderr.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import re
 import ssl
 import sys
+import tempfile
 import urllib.parse
 from typing import TYPE_CHECKING
 
@@ -115,12 +118,76 @@ def spool_name(spec: str, data_stream: str = "") -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", where).strip("-")
 
 
+def default_spool_root() -> str | None:
+    """`$TMPDIR/celery-obs-log-spool-<uid>` (per user: a directory another user made first in
+    a shared /tmp must not catch ours), or None when no temporary directory is usable (a
+    read-only root filesystem, as hardened containers run)."""
+    try:
+        return os.path.join(tempfile.gettempdir(), f"celery-obs-log-spool-{os.getuid()}")
+    except OSError:  # FileNotFoundError: "No usable temporary directory found"
+        return None
+
+
+def usable_directory(path: str) -> OSError | None:
+    """None when `path` is (or can be made) a directory we can write files in, else why not."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe-")  # noqa: SIM115
+        probe.close()
+    except OSError as exc:
+        return exc
+    return None
+
+
+#: Spool problems already said in this process: each is said once on stderr, however many
+#: outputs share the directory.
+_said: set[str] = set()
+
+
+def _say_once(message: str, config: LogConfig) -> None:
+    """One JSON line on stderr: logging is not set up yet when install() runs."""
+    if message in _said:
+        return
+    _said.add(message)
+    from .formatter import EcsJsonFormatter
+
+    record = logging.LogRecord(
+        "celery_obs.log_shipping", logging.WARNING, __file__, 0, message, None, None
+    )
+    try:
+        line = EcsJsonFormatter(service_name=config.service_name).format(record)
+        print(line, file=sys.__stderr__, flush=True)
+    except (OSError, ValueError):  # no stderr (closed, detached): nowhere left to say it
+        pass
+
+
+def spool_directory(spec: str, config: LogConfig) -> str | None:
+    """Where this output's spool lives, or None (memory only, said once on stderr) when the
+    directory cannot be used. Never raises: a worker must start without its spool."""
+    root = config.spool_dir or default_spool_root()
+    if root is None:
+        _say_once(
+            "no usable temporary directory for the log spool; undelivered records are kept "
+            "in memory only (set CELERY_OBS_LOG_SPOOL_DIR to a writable volume)",
+            config,
+        )
+        return None
+    directory = os.path.join(root, spool_name(spec, config.data_stream))
+    problem = usable_directory(directory)
+    if problem is not None:
+        _say_once(
+            f"log spool directory {root} is unusable ({problem.strerror or problem}); "
+            "undelivered records are kept in memory only",
+            config,
+        )
+        return None
+    return directory
+
+
 def make_shipping_handler(spec: str, config: LogConfig) -> ShippingHandler:
-    spool_dir = os.path.join(config.spool_dir, spool_name(spec, config.data_stream))
-    os.makedirs(spool_dir, mode=0o700, exist_ok=True)
     return ShippingHandler(
         make_sink(spec, config),
-        spool_dir,
+        spool_directory(spec, config),
         flush_interval=config.flush_interval,
         spool_max_bytes=config.spool_max_mb * 1024 * 1024,
     )

@@ -1,163 +1,289 @@
-"""Ship log lines to a network sink without ever blocking the task that logged them.
+"""Ship log lines to a network sink without ever blocking, or raising into, the task that
+logged them; and say how many were lost when some are.
 
-`ShippingHandler.emit` only formats and appends to a bounded in-memory queue. A background
-thread (started lazily in each process, so prefork pool children get their own) sends batches;
-the sink (`sinks.py`, `elastic.py`) decides what counts as delivered. When sending fails, the
-batch goes to an on-disk spool and so does everything after it, so order is kept; the spool is
-drained oldest first once the sink answers again, retrying with capped backoff meanwhile. On
-close the thread gets a bounded time to flush; what it cannot send stays in the spool for the
-next start.
-Past the queue or spool bounds the oldest lines are dropped, counted, and reported in a record.
+`ShippingHandler.emit` formats and appends to a bounded in-memory queue (`linequeue.py`); it
+never waits for the network, and only when the queue is past its bounds does it move a batch
+to the spool itself (waiting `RELIEVE_WAIT` at most) before dropping. Two threads, started
+lazily in each process (so prefork pool children get their own), do the rest; the sink
+(`sinks.py`, `elastic.py`) decides what counts as delivered.
+
+- The sender sends batches (at most `batch_size` lines and `max_batch_bytes`), the spool's
+  oldest first. When a send fails, the batch goes back in front of the spool, the queue is
+  spilled behind it (order is kept), and the sink is retried with capped backoff.
+- The spiller moves the queue to the spool whenever it is past half its bounds (a slow sink),
+  its oldest line has waited `spill_after` seconds, or the sink is failing: lines are dropped
+  only when the spool cannot take them, and a SIGKILL loses only what came in the last
+  `spill_after` seconds (plus the batch in flight).
+
+The spool is the disk while the disk takes writes, memory (bounded) while it refuses them or
+when it cannot be used at all (`fallback.FallbackSpool`). Lines dropped past the bounds, and lines
+the sink refuses for good, are counts, not lines: a report record is sent on its own, and the
+count is cleared only once the sink took it, so a report is never lost with the lines it is
+about. On close the sender gets a bounded time to flush; what it cannot send stays in the
+spool for the next start, and what only memory held is said on stderr.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import threading
 import time
-from collections import deque
+import weakref
+from collections.abc import Callable
+from threading import get_ident
 
+from .fallback import FallbackSpool
+from .linequeue import FULL, SPILL, LineQueue
+from .losses import DROPPED, REJECTED, LossReports
 from .sinks import Sink, SinkError
-from .spool import AnySpool, MemorySpool, Spool, SpoolBusy
+from .spool import Spool, open_own_spool
 
 __all__ = ["ShippingHandler", "Sink", "SinkError"]
 
-# Said on the shipping thread: ShippingHandler drops those records (shipping them could fail
+# Said on the shipping threads: ShippingHandler drops those records (shipping them could fail
 # again, and say so again), Celery's own handlers show them on the worker's stderr.
 status = logging.getLogger("celery_obs.log_shipping")
+
+MB = 1024 * 1024
+#: The longest a log call waits for the spool when the queue is full (then it drops).
+RELIEVE_WAIT = 0.1
 
 
 class ShippingHandler(logging.Handler):
     def __init__(
         self,
         sink: Sink,
-        spool_dir: str,
+        spool_dir: str | None,
         *,
         max_queue: int = 10_000,
+        max_queue_bytes: int = 16 * MB,
         batch_size: int = 500,
+        max_batch_bytes: int = 1 * MB,
         flush_interval: float = 0.5,
-        spool_max_bytes: int = 256 * 1024 * 1024,
+        spool_max_bytes: int = 256 * MB,
+        memory_spool_max_bytes: int = 32 * MB,
+        spill_after: float = 1.0,
+        report_interval: float = 1.0,
         backoff_start: float = 0.5,
         backoff_cap: float = 30.0,
         close_timeout: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`spool_dir` None: no disk at all, the spool is memory only."""
         super().__init__()
         self.sink = sink
         self.spool_root = spool_dir
         self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
         self.batch_size = batch_size
+        self.max_batch_bytes = max_batch_bytes
         self.flush_interval = flush_interval
         self.spool_max_bytes = spool_max_bytes
+        self.memory_spool_max_bytes = memory_spool_max_bytes
+        self.spill_after = spill_after
+        self.report_interval = report_interval
         self.backoff_start = backoff_start
         self.backoff_cap = backoff_cap
         self.close_timeout = close_timeout
-        self.dropped = 0  # lines dropped from the full in-memory queue
+        self.clock = clock
         self.sent = 0
         self.last_error: str | None = None  # while the sink is failing
         self._pid = -1
-        self._queue: deque[bytes] = deque()
-        self._wake = threading.Event()
+        self._here = False  # threads started in this process (os.getpid() is a system call)
+        _handlers.add(self)
+        self._reset()
+
+    def _reset(self) -> None:
+        """This process' own state (a forked child must not share its parent's)."""
+        self._queue = LineQueue(self.max_queue, self.max_queue_bytes, self.batch_size, self.clock())
+        self._dropped_elsewhere = 0  # lines lost outside the queue and the spool
+        self._wake = threading.Event()  # the sender: a batch is ready, or closing
+        self._spill_now = threading.Event()  # the spiller: the queue is past half a bound
+        self._spool_open = threading.Event()
         self._stopping = threading.Event()
+        self._order = threading.Lock()  # taking from the queue and using the spool
         self._thread: threading.Thread | None = None
-        self._spool: AnySpool | None = None
+        self._spiller: threading.Thread | None = None
+        self._own_threads: tuple[int | None, ...] = ()
+        self._spool: FallbackSpool | None = None
         self._close_deadline = float("inf")
-        self._inherited_rejections = 0
-        self._reported_drops = self._reported_rejections = 0
+        self._reports = LossReports(status.name, self.format, self.report_interval, self.clock)
+        self._relieve_after = float("-inf")
+        self._fallback_said = False
+        self._fallback: str | None = None  # why the spool is in memory, until said
+
+    @property
+    def dropped(self) -> int:
+        """Lines dropped so far: the queue's bound, the spool's, lost at a refused write."""
+        spool = self._spool.dropped_lines if self._spool is not None else 0
+        return self._queue.dropped + spool + self._dropped_elsewhere
+
+    @dropped.setter
+    def dropped(self, value: int) -> None:
+        self._dropped_elsewhere += value - self.dropped
+
+    @property
+    def queued(self) -> int:
+        """Lines only in memory, waiting for the sender or the spiller."""
+        return len(self._queue)
 
     # -- the task's side: format and enqueue, nothing else ----------------------------------
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if self._thread is not None and threading.current_thread() is self._thread:
+    def handle(self, record: logging.LogRecord) -> bool:
+        """Logging.Handler.handle, but records logged by our own threads are dropped before
+        the handler's lock: logging.shutdown() holds it while close() waits for them."""
+        if get_ident() in self._own_threads:
             # Logged while shipping (the Elasticsearch client logs every request, and its
             # failures): shipping that would log again, forever. Other handlers still show it.
-            return
+            return False
+        passed = self.filter(record)  # Handler.handle, inlined: this is every log call
+        if passed:
+            if isinstance(passed, logging.LogRecord):  # 3.12: a filter may return a new record
+                record = passed
+            with self.lock:  # type: ignore[union-attr]
+                self.emit(record)
+        return bool(passed)
+
+    def emit(self, record: logging.LogRecord) -> None:
         try:
             line = self.format(record).encode()
-            if self._pid != os.getpid():
+            if not self._here:
                 self._start()  # first record in this process (a forked pool child, say)
-            queue = self._queue
-            if len(queue) >= self.max_queue:
-                queue.popleft()
-                self.dropped += 1
-            queue.append(line)
-            if len(queue) >= self.batch_size:
-                self._wake.set()
+            signal = self._queue.put(line)
+            if signal:
+                self._signal(signal)
         except Exception:  # never into the task: logging reports it on stderr
             self.handleError(record)
 
+    def _signal(self, signal: int) -> None:
+        if signal == FULL:
+            self._relieve()
+        if not self._wake.is_set():
+            self._wake.set()
+        if signal >= SPILL and not self._spill_now.is_set():
+            self._spill_now.set()
+
+    def _relieve(self) -> None:
+        """The queue is past a bound: the spiller is behind (the logging thread keeps the GIL
+        for milliseconds at a time). Spill here, as a disk write's worth of backpressure,
+        rather than drop; but never wait for the spool longer than `RELIEVE_WAIT`, and after
+        such a wait, not again for a second: a stalled disk costs records (counted), not the
+        task its time. Then drop (counted) what is still past the bound."""
+        queue = self._queue
+        if self.clock() >= self._relieve_after:
+            started = self.clock()
+            self._spool_open.wait(RELIEVE_WAIT)  # the sender opens it as it starts
+            spool = self._spool
+            left = RELIEVE_WAIT - (self.clock() - started)
+            if spool is not None and self._order.acquire(timeout=max(left, 0.0)):
+                try:
+                    while queue.over_high_water():
+                        batch = queue.take(self.batch_size, self.max_batch_bytes)
+                        if not batch:
+                            break
+                        spool.push(batch)
+                finally:
+                    self._order.release()
+            else:
+                self._relieve_after = self.clock() + 1.0
+        queue.trim()
+
     def _start(self) -> None:
-        """Start this process' shipping thread. Cheap: the spool is opened (and orphans
-        adopted, which may move megabytes) on the thread, never on the task's."""
+        """Start this process' shipping threads. Cheap: the spool is opened (and orphans
+        adopted, which may move many files) on the sender, never on the task's thread."""
         with self.lock:  # type: ignore[union-attr]
             if self._pid == os.getpid():
+                self._here = True
                 return
             forked = self._pid != -1
+            if forked and self._spool is not None:
+                self._spool.release()  # the parent's lock stays the parent's
             self._pid = os.getpid()
-            self._queue = deque()  # a forked child must not resend its parent's lines
-            # Fresh events: a lock inside one may have been held by the parent's thread at fork.
-            self._wake = threading.Event()
-            self._stopping = threading.Event()
-            self._close_deadline = float("inf")
-            # A forked child inherits the sink's count of refusals, which its parent reported.
-            self._inherited_rejections = getattr(self.sink, "rejected", 0) if forked else 0
-            if forked:  # the parent's spool, connection and counts are not ours
-                self.dropped = self.sent = 0
+            if forked:  # the parent's queue, spool, connection and counts are not ours
+                self._reset()  # fresh events too: a lock inside one may have been held at fork
+                self.sent = 0
                 self.last_error = None
-                if self._spool is not None:
-                    self._spool.release()
-                    self._spool = None
                 self.sink.close()
+                # The sink's count of refusals is the parent's, and the parent reports it.
+                self._reports.told(REJECTED, getattr(self.sink, "rejected", 0))
             self._thread = threading.Thread(target=self._run, name="log-shipper", daemon=True)
+            self._spiller = threading.Thread(
+                target=self._spill_loop, name="log-spiller", daemon=True
+            )
             self._thread.start()
+            self._spiller.start()
+            self._own_threads = (self._thread.ident, self._spiller.ident)
+            self._here = True
 
-    def _open_spool(self) -> Spool:
-        """This process' own spool, with the batches of dead processes' spools moved in."""
-        os.makedirs(self.spool_root, mode=0o700, exist_ok=True)
-        name = f"pid-{self._pid}"
-        for attempt in range(100):
-            try:
-                spool = Spool(os.path.join(self.spool_root, name), self.spool_max_bytes)
-                break
-            except SpoolBusy:  # the same pid in another container sharing the spool volume
-                name = f"pid-{self._pid}-{attempt + 1}"
-        else:
-            raise SpoolBusy(f"no free spool directory under {self.spool_root}")
-        self._adopt_orphans(spool)
-        return spool
+    # -- the spool ------------------------------------------------------------------------------
 
-    def _adopt_orphans(self, spool: Spool) -> None:
-        """Take over spools whose owner is gone (a restarted worker's processes): being able to
-        lock one means its owner died. Of the pool children that start together, the one
-        holding the lock moves the batches into its own spool, in order; the rest skip it."""
-        for entry in sorted(os.listdir(self.spool_root)):
-            path = os.path.join(self.spool_root, entry)
-            if not entry.startswith("pid-") or path == str(spool.directory):
-                continue
+    def _open_spool(self) -> FallbackSpool:
+        disk: Spool | None = None
+        if self.spool_root is not None:
             try:
-                orphan = Spool(path, self.spool_max_bytes)
-            except OSError:  # SpoolBusy: its owner runs; or it vanished meanwhile
+                disk = open_own_spool(self.spool_root, self._pid, self.spool_max_bytes)
+            except OSError as exc:  # keep shipping; hold back-ups in memory instead
+                self._say_fallback(f"log spool {self.spool_root} unusable ({exc})")
+        return FallbackSpool(disk, self.memory_spool_max_bytes, self._disk_refused)
+
+    def _disk_refused(self, exc: OSError) -> None:
+        # Called with the order lock held, maybe on the task's thread: said later, by the
+        # sender (logging here could come back to this handler and wait for that lock).
+        if self._fallback is None:
+            self._fallback = f"log spool {self.spool_root} refused a write ({exc})"
+
+    def _say_fallback(self, what: str) -> None:
+        if not self._fallback_said:
+            self._fallback_said = True
+            status.warning(
+                "%s; keeping undelivered log records in memory (up to %d MB, lost if the "
+                "process dies)",
+                what,
+                self.memory_spool_max_bytes // MB,
+            )
+
+    # -- the spiller thread -----------------------------------------------------------------
+
+    def _spill_loop(self) -> None:
+        tick = min(0.25, self.spill_after / 4)
+        queue = self._queue
+        while not self._stopping.is_set():
+            self._spill_now.wait(tick)
+            self._spill_now.clear()
+            now = self.clock()
+            queue.mark(now)
+            spool = self._spool
+            if spool is None or not len(queue):
                 continue
-            while (batch := orphan.peek()) is not None:
+            if (
+                self.last_error is not None
+                or queue.over_high_water()
+                or queue.oldest_age(now) > self.spill_after
+            ):
+                try:
+                    self._spill(spool)
+                except Exception as exc:  # the spiller must outlive anything
+                    self._failing(exc)
+
+    def _spill(self, spool: FallbackSpool) -> None:
+        """Move the queue, oldest first, behind what the spool holds."""
+        while True:
+            with self._order:
+                batch = self._queue.take(self.batch_size, self.max_batch_bytes)
+                if not batch:
+                    return
                 spool.push(batch)
-                orphan.pop()
-            orphan.remove()
 
-    # -- the background thread ----------------------------------------------------------------
-
-    def _take(self) -> list[bytes]:
-        queue, batch = self._queue, list[bytes]()
-        while queue and len(batch) < self.batch_size:
-            batch.append(queue.popleft())
-        return batch
+    # -- the sender thread --------------------------------------------------------------------
 
     def _run(self) -> None:
-        self._reported_drops = 0
-        self._reported_rejections = self._inherited_rejections
         delay = self.backoff_start
-        spool: AnySpool | None = None
+        spool: FallbackSpool | None = None
+        with contextlib.suppress(Exception):  # else retried below, with the failure said
+            spool = self._spool = self._open_spool()
+            self._spool_open.set()
         while True:
             stopping = self._stopping.is_set()
             if not stopping:
@@ -165,15 +291,18 @@ class ShippingHandler(logging.Handler):
                 self._wake.clear()
             try:
                 if spool is None:
-                    spool = self._spool = self._open_spool_or_memory()
-                self._report_losses(spool)
+                    spool = self._spool = self._open_spool()
+                    self._spool_open.set()
+                if self._fallback is not None:
+                    self._say_fallback(self._fallback)
+                self._report_losses(now=stopping)
                 delivered = self._drain(spool)
-            except Exception as exc:  # the spool's disk (full, unwritable): keep going
+            except Exception as exc:  # a sink's or a disk's failure: keep going
                 self._failing(exc)
                 delivered = False
             if delivered:
                 delay = self.backoff_start
-                if stopping and not self._queue:
+                if stopping and not len(self._queue):
                     return
                 continue
             if stopping:
@@ -181,83 +310,38 @@ class ShippingHandler(logging.Handler):
                     if spool is not None:
                         self._spill(spool)
                 return
-            self._back_off(spool, delay)
+            self._stopping.wait(delay)
             delay = min(delay * 2, self.backoff_cap)
 
-    def _open_spool_or_memory(self) -> AnySpool:
-        try:
-            return self._open_spool()
-        except OSError as exc:  # keep shipping; hold back-ups in memory instead
-            status.warning("log spool %s unusable (%s); spooling in memory", self.spool_root, exc)
-            return MemorySpool(self.spool_max_bytes)
-
-    def _report_losses(self, spool: AnySpool) -> None:
-        """Queue a record saying how many lines were dropped or refused since the last one."""
-        drops = self.dropped + spool.dropped_lines
-        if drops != self._reported_drops:
-            self._queue.append(
-                self._report(
-                    "log-records-dropped",
-                    drops - self._reported_drops,
-                    "log shipping dropped %d records (queue or spool full)",
-                )
-            )
-            self._reported_drops = drops
-        rejected = getattr(self.sink, "rejected", 0)
-        if rejected != self._reported_rejections:
-            self._queue.append(
-                self._report(
-                    "log-records-rejected",
-                    rejected - self._reported_rejections,
-                    "the log sink refused %d records for good; latest: %s",
-                    getattr(self.sink, "last_rejection", ""),
-                )
-            )
-            self._reported_rejections = rejected
-
-    def _back_off(self, spool: AnySpool | None, delay: float) -> None:
-        """Wait before retrying the sink, moving the queue to the spool as it fills, so a long
-        outage drops nothing until the spool itself is full."""
-        deadline = time.monotonic() + delay
-        while not self._stopping.is_set() and (left := deadline - time.monotonic()) > 0:
-            self._wake.wait(left)
-            self._wake.clear()
-            if spool is not None:
-                try:
-                    self._spill(spool)
-                except OSError as exc:
-                    self._failing(exc)
-
     def _past_close_deadline(self) -> bool:
-        return self._stopping.is_set() and time.monotonic() > self._close_deadline
+        return self._stopping.is_set() and self.clock() > self._close_deadline
 
-    def _drain(self, spool: AnySpool) -> bool:
-        """Send spooled batches, then queued ones; False (spooling the batch) on failure.
-        Closing and out of time: the rest goes to the spool, for the next start."""
-        while (spooled := spool.peek()) is not None:
+    def _drain(self, spool: FallbackSpool) -> bool:
+        """Send spooled batches, then queued ones; False (the batch back in front of the
+        spool, the queue behind it) on failure. Closing and out of time: the rest goes to the
+        spool, for the next start."""
+        while True:
             if self._past_close_deadline():
                 self._spill(spool)
                 return True
-            unsent = self._send(spooled)
-            if unsent is not None:
-                if len(unsent) < len(spooled):
-                    spool.replace_oldest(unsent)
-                self._spill(spool)
-                return False
-            spool.pop()
-        while batch := self._take():
-            if self._past_close_deadline():
-                self._push(spool, batch)
-                self._spill(spool)
+            with self._order:  # the spiller cannot slip lines between the spool and the queue
+                batch = spool.peek()
+                spooled = batch is not None
+                if batch is None:
+                    batch = self._queue.take(self.batch_size, self.max_batch_bytes)
+            if not batch:
                 return True
             unsent = self._send(batch)
+            with self._order:
+                if spooled and unsent is None:
+                    spool.pop()
+                elif spooled and unsent is not None and len(unsent) < len(batch):
+                    spool.replace_oldest(unsent)
+                elif not spooled and unsent:
+                    spool.push_front(unsent)
             if unsent is not None:
-                # In order: the unsent lines, then everything after them, go to the spool.
-                if unsent:
-                    self._push(spool, unsent)
                 self._spill(spool)
                 return False
-        return True
 
     def _send(self, lines: list[bytes]) -> list[bytes] | None:
         """None when the sink took every line, else the lines still to send."""
@@ -281,34 +365,35 @@ class ShippingHandler(logging.Handler):
             status.warning(
                 "log shipping failing (%s); keeping records in %s and retrying",
                 exc,
-                self.spool_root,
+                self.spool_root or "memory",
             )
         self.last_error = f"{type(exc).__name__}: {exc}"
 
-    def _spill(self, spool: AnySpool) -> None:
-        while batch := self._take():
-            self._push(spool, batch)
+    # -- loss reports -------------------------------------------------------------------------
 
-    def _push(self, spool: AnySpool, lines: list[bytes]) -> None:
-        try:
-            spool.push(lines)
-        except OSError:
-            self.dropped += len(lines)  # the disk refused them: counted, reported, then retried
-            raise
+    def _totals(self) -> dict[str, int]:
+        return {DROPPED: self.dropped, REJECTED: getattr(self.sink, "rejected", 0)}
 
-    def _report(self, action: str, count: int, message: str, *args: object) -> bytes:
-        """A record about the shipping itself (lost or refused lines), sent with the rest."""
-        record = logging.LogRecord(
-            "celery_obs.log_shipping", logging.WARNING, __file__, 0, message, (count, *args), None
-        )
-        record.ecs = {
-            "event": {"action": action, "outcome": "failure"},
-            "labels": {action.replace("-", "_"): count},
-        }
-        try:
-            return self.format(record).encode()
-        except Exception:  # no formatter: still say it
-            return json.dumps({"message": record.getMessage()}).encode()
+    def _report_losses(self, now: bool) -> None:
+        """Send a record for each kind of loss the destination has not been told about."""
+        if not self._reports.due(now):
+            return
+        for action, total in self._totals().items():
+            count = self._reports.unreported(action, total)
+            detail = getattr(self.sink, "last_rejection", "")
+            if count and self._deliver(self._reports.line(action, count, detail)):
+                self._reports.told(action, total)
+
+    def _deliver(self, report: bytes) -> bool:
+        """Send a report on its own: True once the sink took it (or refused it for good: our
+        own record is not one of the user's to count, and it would be refused again)."""
+        before = getattr(self.sink, "rejected", 0)
+        unsent = self._send([report])
+        refused = getattr(self.sink, "rejected", 0) - before
+        self._reports.told(REJECTED, self._reports.reported[REJECTED] + refused)
+        return unsent is None
+
+    # -- closing ------------------------------------------------------------------------------
 
     def flush(self) -> None:
         self._wake.set()
@@ -317,13 +402,58 @@ class ShippingHandler(logging.Handler):
         """Flush within about `close_timeout`; the rest stays in the spool for the next start.
         A batch already on the wire gets the sink's own timeout on top."""
         if self._thread is not None and self._pid == os.getpid():
-            self._close_deadline = time.monotonic() + self.close_timeout
+            self._close_deadline = self.clock() + self.close_timeout
             self._stopping.set()
             self._wake.set()
+            self._spill_now.set()
             self._thread.join(self.close_timeout + getattr(self.sink, "timeout", 5.0) + 1.0)
+            if self._spiller is not None:
+                self._spiller.join(self.close_timeout)
             if not self._thread.is_alive() and self._spool is not None:
-                with contextlib.suppress(OSError):
-                    self._spill(self._spool)  # lines logged after the flush: for next start
+                self._last_words(self._spool)
                 self._spool.release()  # the next process (or handler) takes over what is left
         self.sink.close()
         super().close()
+
+    def _last_words(self, spool: FallbackSpool) -> None:
+        """Leave what is still here where the next start finds it: lines logged after the
+        flush, what memory held, and unreported losses (as report lines in the disk spool);
+        and say on stderr what cannot be left anywhere."""
+        with contextlib.suppress(Exception):
+            self._spill(spool)
+        with contextlib.suppress(Exception):
+            spool.flush_to_disk()
+        totals = self._totals()
+        unreported = {a: self._reports.unreported(a, t) for a, t in totals.items()}
+        detail = getattr(self.sink, "last_rejection", "")
+        lines = [self._reports.line(a, n, detail) for a, n in unreported.items() if n]
+        if lines and spool.disk is not None and spool.on_disk:
+            try:
+                spool.disk.push(lines)
+            except OSError:
+                pass
+            else:
+                for action, total in totals.items():
+                    self._reports.told(action, total)
+                unreported = dict.fromkeys(unreported, 0)
+        lost = spool.memory_lines()
+        if lost or any(unreported.values()):
+            status.warning(
+                "log shipping is closing with %d records it could not send nor spool to disk "
+                "(lost), and %d dropped and %d refused records it could not report",
+                lost,
+                unreported[DROPPED],
+                unreported[REJECTED],
+            )
+
+
+#: Every handler, so that a forked child knows its threads are not started yet.
+_handlers: weakref.WeakSet[ShippingHandler] = weakref.WeakSet()
+
+
+def _forked() -> None:
+    for handler in list(_handlers):
+        handler._here = False
+
+
+os.register_at_fork(after_in_child=_forked)

@@ -13,6 +13,7 @@ import select
 import socket
 import ssl
 import urllib.parse
+from collections import deque
 from typing import Protocol
 
 
@@ -38,8 +39,10 @@ def safe_url(url: str) -> str:
 
 
 #: Whole-batch answers that would be the same on every retry (a body Logstash cannot parse, a
-#: batch over its size limit): the batch is refused for good, so one bad batch cannot stop
-#: everything behind it. Auth (401/403), a wrong path (404), timeouts and throttling retry.
+#: record over its size limit): refused for good, so one bad batch cannot stop everything
+#: behind it. A batch over the size limit (413) is split first, so that only the record too
+#: large on its own is refused. Auth (401/403), a wrong path (404), timeouts and throttling
+#: retry.
 PERMANENT_STATUSES = frozenset({400, 413, 415, 422})
 
 
@@ -100,9 +103,36 @@ class HttpSink:
         return self._connection
 
     def send(self, lines: list[bytes]) -> None:
+        """POST the batch; a batch refused as too large (413) is split in halves, down to one
+        record, so that only a record too large on its own is refused."""
+        chunks: deque[list[bytes]] = deque([lines])
+        while chunks:
+            chunk = chunks.popleft()
+            try:
+                response = self._post_lines(chunk)
+            except SinkError as exc:
+                unsent = [line for rest in (chunk, *chunks) for line in rest]
+                exc.remaining = None if len(unsent) == len(lines) else unsent
+                raise
+            if response.status == 413 and len(chunk) > 1:
+                half = len(chunk) // 2
+                chunks.extendleft((chunk[half:], chunk[:half]))
+                continue
+            if response.status in PERMANENT_STATUSES:
+                self.rejected += len(chunk)
+                self.last_rejection = f"HTTP {response.status} {response.reason}"
+                continue
+            if not 200 <= response.status < 300:
+                unsent = [line for rest in (chunk, *chunks) for line in rest]
+                raise SinkError(
+                    f"HTTP {response.status} {response.reason}",
+                    remaining=None if len(unsent) == len(lines) else unsent,
+                )
+
+    def _post_lines(self, lines: list[bytes]) -> http.client.HTTPResponse:
         body = b"[" + b",".join(lines) + b"]"
         try:
-            response = self._post(body)
+            return self._post(body)
         except (OSError, http.client.HTTPException) as exc:
             if not self._reused or not isinstance(exc, _STALE):
                 self.close()
@@ -110,16 +140,10 @@ class HttpSink:
             # A kept-alive connection the server closed while idle: a new one, once, at once.
             self.close()
             try:
-                response = self._post(body)
+                return self._post(body)
             except (OSError, http.client.HTTPException) as again:
                 self.close()
                 raise SinkError(f"{type(again).__name__}: {again}") from None
-        if response.status in PERMANENT_STATUSES:
-            self.rejected += len(lines)
-            self.last_rejection = f"HTTP {response.status} {response.reason}"
-            return
-        if not 200 <= response.status < 300:
-            raise SinkError(f"HTTP {response.status} {response.reason}")
 
     def _post(self, body: bytes) -> http.client.HTTPResponse:
         connection = self._connect()

@@ -11,13 +11,15 @@ import socket
 import socketserver
 import ssl
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class HttpReceiver:
     """Logstash's http input in miniature: JSON arrays in, 200 out; can be stopped and restarted.
-    With `tls` (a server context) it speaks HTTPS."""
+    With `tls` (a server context) it speaks HTTPS. It misbehaves on demand: slow (`delay`),
+    refusing (`status`), or refusing bodies over `max_body` bytes with 413."""
 
     def __init__(
         self, port: int, tls: ssl.SSLContext | None = None, keep_alive: bool = False
@@ -27,9 +29,12 @@ class HttpReceiver:
         self.keep_alive = keep_alive  # HTTP/1.1 connections kept open, as Logstash does
         self.connections: list[socket.socket] = []
         self.status = 200  # what every POST gets; records are kept only on 200
+        self.delay = 0.0  # seconds each POST takes to answer: a slow Logstash
+        self.max_body: int | None = None  # larger bodies get 413, as a proxy's limit does
         self.requests = 0
         self.records: list[dict] = []
         self.auth: list[str | None] = []
+        self.lock = threading.Lock()  # requests are handled on threads of their own
         self.server: ThreadingHTTPServer | None = None
 
     def start(self) -> None:
@@ -45,10 +50,16 @@ class HttpReceiver:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 receiver.requests += 1
-                if receiver.status == 200:
-                    receiver.records.extend(json.loads(body))
+                if receiver.delay:
+                    time.sleep(receiver.delay)  # the receiver's own latency, not a test wait
+                status = receiver.status
+                if receiver.max_body is not None and len(body) > receiver.max_body:
+                    status = 413
+                if status == 200:
+                    with receiver.lock:
+                        receiver.records.extend(json.loads(body))
                 receiver.auth.append(self.headers.get("Authorization"))
-                self.send_response(receiver.status)
+                self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 

@@ -50,6 +50,7 @@ ERRORS: dict[int, dict[str, Any]] = {
     404: {"type": "index_not_found_exception", "reason": "no such index [logs-celery-test]"},
     429: {"type": "es_rejected_execution_exception", "reason": "rejected execution of bulk"},
     503: {"type": "unavailable_shards_exception", "reason": "primary shard is not active"},
+    413: {"type": "content_too_long", "reason": "request body is too large"},
 }
 
 
@@ -77,6 +78,7 @@ class FakeElasticsearch:
         self.requests: list[BulkRequest] = []
         self.stored: list[bytes] = []
         self.request_statuses: list[int] = []
+        self.max_body: int | None = None  # larger bulk bodies are refused whole with 413
         self.item_status: Callable[[bytes], int] = lambda source: 201
         self.hang = False
         self.release = threading.Event()
@@ -87,8 +89,9 @@ class FakeElasticsearch:
     ) -> tuple[int, dict[str, Any]]:
         lines = body.splitlines()
         actions, sources = [json.loads(a) for a in lines[0::2]], lines[1::2]
-        if self.request_statuses:
-            status = self.request_statuses.pop(0)
+        too_large = self.max_body is not None and len(body) > self.max_body
+        if self.request_statuses or too_large:
+            status = 413 if too_large else self.request_statuses.pop(0)
             self.requests.append(BulkRequest(method, path, headers, actions, sources, status))
             error = ERRORS[status]
             return status, {"error": {"root_cause": [error], **error}, "status": status}
@@ -252,6 +255,19 @@ def test_only_retryable_documents_come_back_in_order(fake: FakeElasticsearch) ->
     assert sink.last_rejection == described[:300]
     assert len(sink.last_rejection) == 300
     assert sink.rejected == 2
+
+
+def test_a_document_too_large_for_the_cluster_is_refused_alone(fake: FakeElasticsearch) -> None:
+    """A request over http.max_content_length is refused whole (413): split in halves until
+    the document too large on its own is the only one refused."""
+    fake.max_body = 10_000
+    lines = [b'{"n":%d}' % n for n in range(10)]
+    lines[6] = b'{"n":6,"big":"%s"}' % (b"x" * 20_000)
+    sink = ElasticsearchSink(fake.url, DATA_STREAM)
+    sink.send(lines)  # nothing to retry: no error
+    assert fake.stored == [line for n, line in enumerate(lines) if n != 6]
+    assert sink.rejected == 1
+    assert sink.rejections == Counter({"http_413": 1})
 
 
 @pytest.mark.parametrize(
