@@ -18,8 +18,9 @@ A message whose declared body size is past `events.MAX_MESSAGE_BYTES` is not acc
 frames are skipped, it is reported through `on_oversized` and acknowledged like any other.
 
 Anything else that needs an answer (connection.close, channel.close, basic.cancel) ends the loop
-with an error, and the consumer reconnects. The loop only stops between messages, handing any
-bytes it read ahead back to py-amqp, which then closes the channel normally. Heartbeats keep
+with an error, and the consumer reconnects. The loop only stops between messages; the consumer then
+lets the connection go without a goodbye (what was delivered and not acknowledged returns to the
+queue). Heartbeats keep
 working: reads and our acks are reported to py-amqp's counters and `heartbeat_check` still
 sends ours.
 """
@@ -60,7 +61,6 @@ class AmqpEventStream:
         self, amqp_connection: Any, sock: socket.socket, pending: bytes, channel_id: int
     ) -> None:
         self._connection = amqp_connection
-        self._transport = amqp_connection.transport
         self._sock = sock
         self._buffer = bytearray(pending)
         self._channel_id = channel_id
@@ -134,9 +134,7 @@ class AmqpEventStream:
                 acked = handed
             on_idle()
             if stopping.is_set() and body_size == -1:
-                # Between messages: give py-amqp what we read ahead, so it can close cleanly.
-                self._transport._read_buffer = bytes(buffer)
-                return
+                return  # between messages; the consumer lets the connection go
             try:
                 chunk = sock.recv(_RECV_SIZE)
             except TimeoutError:
@@ -148,13 +146,18 @@ class AmqpEventStream:
 
 
 def open_stream(connection: Connection, channel_id: int) -> AmqpEventStream | None:
-    """Take over reading from an AMQP connection whose consumer is set up; None if not AMQP."""
+    """Take over reading from an AMQP connection whose consumer is set up; None if not AMQP.
+
+    Only public py-amqp attributes are used: the connection's `transport.sock` and its
+    `bytes_recv` / `bytes_sent` heartbeat counters. py-amqp reads frames with exact-size
+    reads, so after `basic.consume-ok` nothing of the stream sits in its buffers: every
+    delivery is still in the socket.
+    """
     if connection.transport.driver_type != "amqp":
         return None
     amqp_connection = connection.connection
     transport = getattr(amqp_connection, "transport", None)
     sock = getattr(transport, "sock", None)
-    pending = getattr(transport, "_read_buffer", None)
-    if sock is None or not isinstance(pending, (bytes, bytearray)):
+    if sock is None:
         return None
-    return AmqpEventStream(amqp_connection, sock, bytes(pending), channel_id)
+    return AmqpEventStream(amqp_connection, sock, b"", channel_id)

@@ -170,6 +170,8 @@ class Exposition:
         self._series(out, m.EXPORTER_UNMEASURED, dict(sorted(view.unmeasured.items())))
         self._single(out, m.EXPORTER_BACKLOG_BYTES, status.backlog.backlog_bytes)
         self._single(out, m.EXPORTER_BACKLOG_FULL, status.backlog.full_waits)
+        reader = {(status.reader,): 1} if status.reader else {}
+        self._series(out, m.EXPORTER_EVENT_READER, reader, prune=True)
         self._series(out, m.EXPORTER_BUILD_INFO, {(self.version,): 1})
 
     def _queues(self, out: list[str]) -> None:

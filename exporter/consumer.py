@@ -54,6 +54,8 @@ class BrokerStatus:
     disconnected_at: float = field(default_factory=time.monotonic)
     last_poll: float = 0.0  # monotonic time of the consumer loop's last turn
     backlog: BacklogStats = field(default_factory=BacklogStats)
+    #: How events are read: redis-socket / amqp-socket (the fast paths) or kombu.
+    reader: str = ""
 
     def health(self, now: float | None = None, stall_after: float = 30.0) -> tuple[bool, str]:
         now = time.monotonic() if now is None else now
@@ -66,34 +68,10 @@ class BrokerStatus:
         return True, f"ok: connected to {self.broker}, consuming events"
 
 
-_AMQP_READ_SIZE = 16 << 10
 #: Longest broker error shown in /healthz and the log.
 _MAX_ERROR_LENGTH = 400
 #: A session that lasted this long resets the reconnect backoff.
 _STABLE_SESSION = 30.0
-
-
-def tune_amqp_reads(connection: Connection, poll_timeout: float) -> float | None:
-    """Cut py-amqp's per-message syscalls; returns the timeout to pass to drain_events.
-
-    py-amqp reads each frame as header, payload and end byte, exactly: nine recv() calls per
-    event message, which cost more than decoding and counting the event. Its `_read` keeps
-    whatever a recv returns beyond what it asked for, so asking for more is all it takes. And
-    drain_events(timeout=t) sets and restores the socket timeout around every frame, so the
-    socket gets the poll timeout once and drain_events none.
-    """
-    transport = getattr(connection.connection, "transport", None)
-    recv = getattr(transport, "_quick_recv", None)
-    sock = getattr(transport, "sock", None)
-    if recv is None or sock is None or connection.transport.driver_type != "amqp":
-        return poll_timeout
-
-    def recv_more(size: int) -> bytes:
-        return recv(max(size, _AMQP_READ_SIZE))
-
-    transport._quick_recv = recv_more  # type: ignore[union-attr]
-    sock.settimeout(poll_timeout)
-    return None
 
 
 class EventConsumer:
@@ -225,8 +203,7 @@ class EventConsumer:
         """One connection, from connecting to its end. Every broker failure is survivable:
         it is reported here and never escapes."""
         try:
-            with self._connect() as connection:
-                connection.ensure_connection(max_retries=1)
+            with self._connect() as connection:  # kombu: settings only until used
                 try:
                     self._consume(connection)
                 except Exception as exc:
@@ -239,42 +216,47 @@ class EventConsumer:
             self._disconnected(exc)
 
     def _consume(self, connection: Connection) -> None:
-        queue = self._event_queue(connection)
         stream = redis_stream.open_stream(
-            connection, queue, self.status.backlog, self._queue_options.max_backlog_bytes
+            connection, self.status.backlog, self._queue_options.max_backlog_bytes
         )
         if stream is not None:
+            self.status.reader = "redis-socket"
             stream.run(self.on_payload, self._stopping, self._tick, on_subscribed=self._connected)
             return
-        drain_timeout = tune_amqp_reads(connection, self._poll_timeout)
+        connection.ensure_connection(max_retries=1)
+        queue = self._event_queue(connection)
         channel = self._declare(connection, queue)
         # Acknowledged deliveries, at most `prefetch` in flight: a stalled link or a restart
         # loses nothing that reached the queue (unacknowledged deliveries come back).
         channel.basic_qos(0, self._queue_options.prefetch, False)
-        with Consumer(
-            channel,
-            queues=[queue],
-            on_message=self.on_message,
-            no_ack=False,
-            auto_declare=False,
-        ):
-            self._connected()
-            heartbeat_check = connection.heartbeat_check if connection.heartbeat else None
-            fast = amqp_stream.open_stream(connection, channel.channel_id)
-            if fast is not None:
+        consumer = Consumer(
+            channel, queues=[queue], on_message=self.on_message, no_ack=False, auto_declare=False
+        )
+        consumer.consume()
+        self._connected()
+        heartbeat_check = connection.heartbeat_check if connection.heartbeat else None
+        fast = amqp_stream.open_stream(connection, channel.channel_id)
+        if fast is not None:
+            self.status.reader = "amqp-socket"
 
-                def idle() -> None:
-                    self._tick()
-                    if heartbeat_check is not None:
-                        heartbeat_check()
-
-                fast.run(self.on_body, self._stopping, idle, self._on_oversized)
-            while not self._stopping.is_set():
+            def idle() -> None:
                 self._tick()
-                with contextlib.suppress(TimeoutError):  # a quiet second, not an error
-                    connection.drain_events(timeout=drain_timeout)
                 if heartbeat_check is not None:
                     heartbeat_check()
+
+            fast.run(self.on_body, self._stopping, idle, self._on_oversized)
+            # A stop: the socket may hold bytes py-amqp never saw, so no goodbye on it. What
+            # was delivered and not acknowledged goes back to the queue, which a restart finds.
+            connection.collect()
+            return
+        self.status.reader = "kombu"
+        while not self._stopping.is_set():
+            self._tick()
+            with contextlib.suppress(TimeoutError):  # a quiet second, not an error
+                connection.drain_events(timeout=self._poll_timeout)
+            if heartbeat_check is not None:
+                heartbeat_check()
+        consumer.cancel()
         # A clean stop leaves the queue: a restart within --event-queue-expires finds it with
         # every event published meanwhile; otherwise the broker deletes it.
 

@@ -249,6 +249,12 @@ EXPORTER_BACKLOG_FULL = MetricSpec(
     "Redis: times the backlog reached --max-backlog-mb and reading paused (the server's "
     "pub/sub buffer then fills, and past its limit the server disconnects us).",
 )
+EXPORTER_EVENT_READER = MetricSpec(
+    "celery_exporter_event_reader_info",
+    "gauge",
+    "1 for how events are read: redis-socket or amqp-socket (the fast paths), or kombu.",
+    ("reader",),
+)
 EXPORTER_BUILD_INFO = MetricSpec(
     "celery_exporter_build_info",
     "gauge",
@@ -283,6 +289,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     EXPORTER_QUEUE_PROBE_ERRORS,
     EXPORTER_BACKLOG_BYTES,
     EXPORTER_BACKLOG_FULL,
+    EXPORTER_EVENT_READER,
     EXPORTER_BUILD_INFO,
 )
 

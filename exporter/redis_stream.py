@@ -9,23 +9,24 @@ buffer stays near empty while processing catches up with a burst. When the backl
 cut us off; memory never grows past the bound. (Holding the backlog zlib-compressed was tried:
 it shrinks 8x but halves how fast the reader absorbs a burst, and the server cut us off.)
 
-kombu still does everything that depends on the URL and transport options (TLS, sentinel,
-global key prefix, fanout prefixes): it declares the binding and computes the subscription
-topics; only the hot loop is ours. `open_stream` returns None when this kombu or redis-py does
-not look as expected, and the consumer then falls back to kombu's own (slower) drain loop.
+The subscription is ours too (`redis_link`: connection, TLS, AUTH, sentinel, the channel
+pattern from the transport options), so the same fast path runs with every kombu and redis-py
+version we admit; no kombu internals are used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue as queue_module
 import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
-from kombu import Connection, Queue
+from kombu import Connection
+
+from . import redis_link
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,8 @@ class RedisEventStream:
         finally:
             self._stopping.set()
             self._reader.join(5)
+            with contextlib.suppress(OSError):  # the subscription is ours alone: end it
+                self._sock.close()
             # Chunks left unprocessed (a stop, or an error mid-stream) leave the backlog with
             # this stream: without this the next stream's reader would find it still "full".
             while True:
@@ -173,20 +176,17 @@ class RedisEventStream:
 
 
 def open_stream(
-    connection: Connection, queue: Queue, stats: BacklogStats, max_backlog_bytes: int
+    connection: Connection, stats: BacklogStats, max_backlog_bytes: int, timeout: float = 10.0
 ) -> RedisEventStream | None:
-    """Declare the event queue's binding and subscribe; None if the fast path cannot be used."""
-    if not HAVE_HIREDIS or connection.transport.driver_type != "redis":
+    """Connect and subscribe to the event channel ourselves; None if the broker is not Redis."""
+    settings = redis_link.settings_for(connection)
+    if settings is None or not HAVE_HIREDIS:
         return None
-    channel: Any = connection.default_channel  # kombu's Redis channel; its internals below
+    sock = redis_link.connect(settings, timeout=timeout)
     try:
-        queue(channel).declare()
-        topics = channel._get_subscribe_topics(queue.name)
-        pubsub = channel.subclient
-        pubsub.psubscribe(topics)
-        sock = pubsub.connection._sock
-    except AttributeError as exc:  # kombu/redis-py internals moved: use the generic path
-        log.warning("fast Redis event path unavailable (%s); using kombu's drain loop", exc)
-        return None
+        redis_link.subscribe(sock, settings.topics)
+    except BaseException:
+        sock.close()
+        raise
     sock.settimeout(1.0)
     return RedisEventStream(sock, stats, max_backlog_bytes)

@@ -19,10 +19,19 @@ from support import Process, free_port, wait_for
 class RedisServer:
     """A `redis-server` of our own: no persistence, loopback only, its files in a temp dir."""
 
-    def __init__(self, *extra_args: str, port: int | None = None) -> None:
+    def __init__(
+        self, *extra_args: str, port: int | None = None, tls: tuple[str, str] | None = None
+    ) -> None:
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="celery-obs-redis-")
         self.extra_args = extra_args
+        if tls is not None:  # TLS only, on the same port: (certificate, key), no client certs
+            cert, key = tls
+            self.extra_args += (
+                *("--tls-port", str(self.port), "--port", "0"),
+                *("--tls-cert-file", cert, "--tls-key-file", key, "--tls-ca-cert-file", cert),
+                *("--tls-auth-clients", "no"),
+            )
         self.process: Process | None = None
         self.start()
 

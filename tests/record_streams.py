@@ -38,6 +38,14 @@ from support import WorkerProcess, producer
 STREAMS = Path(__file__).resolve().parent / "streams"
 FINAL = frozenset({"task-succeeded", "task-failed", "task-revoked"})
 
+
+def is_final(event: dict[str, Any]) -> bool:
+    """Nothing more will happen to this task (Celery < 5.5 reports a Reject(requeue=False)
+    as rejected only, not also as failed)."""
+    kind = event["type"]
+    return kind in FINAL or (kind == "task-rejected" and not event.get("requeue"))
+
+
 Send = Callable[[Celery], int]  # publishes part of a workload; returns how many tasks it makes
 
 
@@ -138,7 +146,7 @@ class StreamRecorder:
     def finished_tasks(self, succeeded_only: bool = False) -> int:
         if succeeded_only:  # redelivered tasks fail or reject before they succeed
             return sum(e["type"] == "task-succeeded" for e in self.events)
-        return len({e["uuid"] for e in self.events if e["type"] in FINAL})
+        return len({e["uuid"] for e in self.events if is_final(e)})
 
     def close(self) -> None:
         self.consumer.cancel()

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 from celery import Celery
 
-from record_streams import FINAL, WORKLOADS
+from record_streams import WORKLOADS, is_final
 from support import ExporterProcess, WorkerProcess, producer, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -47,6 +47,13 @@ class ReferenceReceiver:
         with self.lock:
             return any(e["type"] == kind and e.get("hostname") == hostname for e in self.events)
 
+    def unfinished(self) -> list[str]:
+        """Names of the task ids not finished yet (for a failure message)."""
+        with self.lock:
+            names = {e["uuid"]: e["name"] for e in self.events if e.get("name")}
+            done = {e["uuid"] for e in self.events if is_final(e)}
+        return sorted(names[u] for u in names.keys() - done)
+
     def finished_tasks(self) -> int:
         """Task ids with a final event after their last delivery (a task redelivered after a
         time limit under acks_late fails first, then runs again)."""
@@ -54,7 +61,7 @@ class ReferenceReceiver:
             last_final: dict[str, int] = {}
             last_received: dict[str, int] = {}
             for i, event in enumerate(self.events):
-                if event["type"] in FINAL:
+                if is_final(event):
                     last_final[event["uuid"]] = i
                 elif event["type"] == "task-received":
                     last_received[event["uuid"]] = i
@@ -117,7 +124,10 @@ def test_the_exporter_counts_what_celerys_own_receiver_counts(
     app.conf.task_routes = {"obs.sleep": {"queue": f"{queue}_prefork"}}
     workload = WORKLOADS["retries"] + WORKLOADS["lifecycles"] + WORKLOADS["redeliveries"]
     expected = sum(send(app) for send in workload)
-    wait_for(lambda: reference.finished_tasks() >= expected, 120, f"{expected} tasks finished")
+    try:
+        wait_for(lambda: reference.finished_tasks() >= expected, 120, f"{expected} tasks finished")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; unfinished: {reference.unfinished()}") from None
     for worker in workers:  # a warm shutdown sends what the workers still buffer
         worker.close()
     for worker in workers:

@@ -109,6 +109,9 @@ def test_exact_counts_at_full_speed(broker_url, start_exporter, batch):
     assert scrape.samples.get("celery_exporter_duplicate_events_total", {}) == {}
     assert scrape.value("celery_exporter_broker_reconnects_total") == 0
     assert scrape.value("celery_exporter_tasks_tracked") == 0
+    # The fast path, not kombu's drain loop, with whichever kombu is installed.
+    fast = "amqp-socket" if broker_url.startswith("amqp") else "redis-socket"
+    assert scrape.series("celery_exporter_event_reader_info", "reader") == {(fast,): 1}
     # The generator spreads the tasks evenly over 10 names, each routed to one queue.
     sent = scrape.series("celery_task_sent_total", "name", "queue_name")
     assert len(sent) == 10
