@@ -10,19 +10,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# An 8.x Python client talks to Elasticsearch 8 and 9; a 9.x client sends `compatible-with=9`,
-# which an 8.x server (docker-compose.yml runs 8.x) rejects. log_shipping's direct
-# elasticsearch+https output uses the client as installed, so the image keeps it at 8.x.
-ARG ELASTICSEARCH_CLIENT="elasticsearch>=8.13,<9"
-
-# Build from a scratch copy and delete it, so the only importable copy of the packages is the
-# installed one (a /app/exporter source tree would shadow it for anything run from /app).
-COPY pyproject.toml README.md /tmp/src/
-COPY exporter/ /tmp/src/exporter/
-COPY dashboards/ /tmp/src/dashboards/
-COPY log_shipping/ /tmp/src/log_shipping/
-COPY stack_setup/ /tmp/src/stack_setup/
-RUN pip install /tmp/src "$ELASTICSEARCH_CLIENT" && rm -rf /tmp/src
+# Build the wheel from a scratch copy and delete it, so the only importable copy of the package
+# is the installed one. The wheel carries the rules, dashboards, pipeline and templates.
+COPY pyproject.toml setup.py MANIFEST.in README.md CHANGELOG.md /tmp/src/
+COPY celery_obs/ /tmp/src/celery_obs/
+COPY prometheus/ /tmp/src/prometheus/
+COPY grafana/ /tmp/src/grafana/
+COPY logstash/ /tmp/src/logstash/
+COPY elasticsearch/ /tmp/src/elasticsearch/
+COPY kibana/ /tmp/src/kibana/
+RUN pip install "/tmp/src[elasticsearch]" && rm -rf /tmp/src
 
 # A fixed uid so volumes and bind mounts can be given to it; the spool directory exists in the
 # image so that a named volume mounted there starts out owned by this user, not root.
@@ -31,10 +28,7 @@ RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/cel
     && chown celery-obs:celery-obs /var/spool/celery-obs
 
 WORKDIR /app
-COPY elasticsearch/ /app/elasticsearch/
-COPY kibana/ /app/kibana/
 COPY compose/ /app/compose/
-ENV CELERY_OBS_ASSETS=/app
 
 USER celery-obs
 

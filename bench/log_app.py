@@ -6,7 +6,7 @@ import os
 import redis
 from celery import Celery
 
-import log_shipping
+from celery_obs import log_shipping
 
 BROKER = os.environ.get("BENCH_BROKER", "redis://127.0.0.1:6379/13")
 

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import redis
 
-from log_shipping.context import TaskContextFilter, current_task
-from log_shipping.formatter import EcsJsonFormatter
-from log_shipping.shipper import ShippingHandler
-from log_shipping.sinks import HttpSink
+from celery_obs.log_shipping.context import TaskContextFilter, current_task
+from celery_obs.log_shipping.formatter import EcsJsonFormatter
+from celery_obs.log_shipping.shipper import ShippingHandler
+from celery_obs.log_shipping.sinks import HttpSink
 
 HERE = Path(__file__).resolve().parent
 CELERY_TEXT = "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s"  # Celery's default

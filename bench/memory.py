@@ -14,8 +14,8 @@ import time
 import uuid
 from pathlib import Path
 
-from exporter.config import Limits
-from exporter.tracker import Tracker
+from celery_obs.exporter.config import Limits
+from celery_obs.exporter.tracker import Tracker
 
 
 def rss_mb() -> float:

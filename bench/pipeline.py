@@ -15,8 +15,8 @@ import time
 
 import eventgen
 
-from exporter.consumer import BrokerStatus, EventConsumer
-from exporter.tracker import Tracker
+from celery_obs.exporter.consumer import BrokerStatus, EventConsumer
+from celery_obs.exporter.tracker import Tracker
 
 
 def main() -> None:

@@ -171,7 +171,7 @@ class ExporterSubject(Subject):
     def __init__(self, url: str, extra: list[str]) -> None:
         self.url = url
         self.port = free_port()
-        super().__init__([sys.executable, "-m", "exporter", "exporter", "--broker-url", url,
+        super().__init__([sys.executable, "-m", "celery_obs", "exporter", "--broker-url", url,
                           "--web.listen-address", f"127.0.0.1:{self.port}",
                           "--no-enable-events", "--queue-poll-interval", "3600",
                           "--log-level", "warning", *extra])  # fmt: skip

@@ -17,11 +17,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from log_shipping.context import TaskContextFilter
-from log_shipping.formatter import EcsJsonFormatter
-from log_shipping.lifecycle import Lifecycle
-from log_shipping.redact import Redactor
-from stack_setup.assets import Assets
+from celery_obs.log_shipping.context import TaskContextFilter
+from celery_obs.log_shipping.formatter import EcsJsonFormatter
+from celery_obs.log_shipping.lifecycle import Lifecycle
+from celery_obs.log_shipping.redact import Redactor
+from celery_obs.setup.assets import Assets
 
 from support import wait_for
 
@@ -147,7 +147,7 @@ def lifecycle_records() -> list[dict[str, Any]]:
 
 def shipper_reports(spool: Path) -> list[dict[str, Any]]:
     """The records the shipper writes about itself (lines dropped, lines refused)."""
-    from log_shipping.shipper import ShippingHandler
+    from celery_obs.log_shipping.shipper import ShippingHandler
 
     sink = FakeSink()
     handler = ShippingHandler(sink, str(spool), flush_interval=0.05)

@@ -127,7 +127,7 @@ class TcpReceiver:
 
 def logger_with(handler: logging.Handler) -> logging.Logger:
     """A fresh INFO logger whose only handler is `handler`, formatting ECS JSON."""
-    from log_shipping.formatter import EcsJsonFormatter
+    from celery_obs.log_shipping.formatter import EcsJsonFormatter
 
     if handler.formatter is None:
         handler.setFormatter(EcsJsonFormatter(service_name="ship-test"))

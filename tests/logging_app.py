@@ -8,7 +8,7 @@ import time
 from celery import Celery
 from celery.utils.log import get_task_logger
 
-import log_shipping
+from celery_obs import log_shipping
 
 app = Celery("obs_logs", broker=os.environ.get("OBS_TEST_BROKER", "redis://127.0.0.1:6379/14"))
 app.conf.update(

@@ -132,7 +132,7 @@ class ExporterProcess(Process):
             [
                 sys.executable,
                 "-m",
-                "exporter",
+                "celery_obs",
                 "exporter",
                 "--broker-url",
                 broker_url,
@@ -228,7 +228,7 @@ class WorkerProcess(Process):
 def run_exporter_cli(*args: str) -> subprocess.CompletedProcess[str]:
     """Run `celery-obs exporter ARGS` to completion (for startup errors)."""
     return subprocess.run(
-        [sys.executable, "-m", "exporter", "exporter", *args],
+        [sys.executable, "-m", "celery_obs", "exporter", *args],
         capture_output=True,
         text=True,
         timeout=60,

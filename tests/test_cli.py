@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from exporter.cli import build_parser, main
-from exporter.config import config_from_args, env_name
-from exporter.metrics import DEFAULT_BUCKETS
+from celery_obs.cli import build_parser, main
+from celery_obs.exporter.config import config_from_args, env_name
+from celery_obs.exporter.metrics import DEFAULT_BUCKETS
 
 from support import Process, Scrape, free_port, http_get, run_exporter_cli, wait_for
 
@@ -99,7 +99,7 @@ def test_flags_beat_the_environment_and_celery_broker_url_is_the_fallback() -> N
             {},
             "--broker-url (or CELERY_OBS_BROKER_URL / CELERY_BROKER_URL) is required",
         ),
-        (["exporter", "--broker-url", "x", "--worker-timeout", "0"], {}, "must be > 0"),
+        (["exporter", "--broker-url", "x", "--worker-timeout", "0"], {}, "must be a number > 0"),
         (["exporter", "--broker-url", "x", "--buckets", "5,1"], {}, "positive and increasing"),
         (["exporter", "--broker-url", "x", "--buckets", "1,5,inf"], {}, "+Inf is implied"),
         (["exporter", "--broker-url", "x", "--web.listen-address", "9808"], {}, "HOST:PORT"),
@@ -113,7 +113,11 @@ def test_flags_beat_the_environment_and_celery_broker_url_is_the_fallback() -> N
             {"CELERY_OBS_MAX_QUEUES": "lots"},
             "environment variable CELERY_OBS_MAX_QUEUES",
         ),
-        (["exporter", "--broker-url", "x", "--log-level", "loud"], {}, "log level must be one of"),
+        (
+            ["exporter", "--broker-url", "x", "--log-level", "loud"],
+            {},
+            "must be one of debug, info",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_usage_error(argv, environ, message, capsys) -> None:
@@ -161,7 +165,7 @@ def test_demo_serves_task_counters_and_stops_on_sigint() -> None:
         [
             sys.executable,
             "-m",
-            "exporter",
+            "celery_obs",
             "demo",
             "--web.listen-address",
             f"127.0.0.1:{port}",

@@ -9,12 +9,12 @@ import threading
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from exporter import metrics as m
-from exporter.collector import CeleryCollector, Exposition
-from exporter.config import Limits
-from exporter.consumer import BrokerStatus
-from exporter.queues import QueueLengths
-from exporter.tracker import Tracker
+from celery_obs.exporter import metrics as m
+from celery_obs.exporter.collector import CeleryCollector, Exposition
+from celery_obs.exporter.config import Limits
+from celery_obs.exporter.consumer import BrokerStatus
+from celery_obs.exporter.queues import QueueLengths
+from celery_obs.exporter.tracker import Tracker
 
 from test_tracker import Clock, ev, received, sent
 

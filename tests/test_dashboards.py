@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dashboards import DASHBOARDS, render
-from exporter.cli import main
-from exporter.metrics import BY_NAME
+from celery_obs.cli import main
+from celery_obs.dashboards import DASHBOARDS, render
+from celery_obs.exporter.metrics import BY_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMITTED = ROOT / "grafana" / "dashboards"

@@ -11,9 +11,9 @@ import fnmatch
 
 import pytest
 
-from log_shipping.redact import Redactor
-from stack_setup import assets as names
-from stack_setup.assets import find_assets
+from celery_obs.log_shipping.redact import Redactor
+from celery_obs.setup import assets as names
+from celery_obs.setup.assets import find_assets
 
 from es_mapping_model import ASSETS, ROOT, check_document, dynamic_mapping, mapping_at
 
@@ -161,7 +161,7 @@ def test_component_template_maps_the_celery_fields_as_specified() -> None:
 
 
 def test_data_stream_names_agree_with_log_shipping() -> None:
-    from log_shipping.hooks import LogConfig
+    from celery_obs.log_shipping.hooks import LogConfig
 
     default = getattr(LogConfig(), "data_stream", None)
     if default is None:

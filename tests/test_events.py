@@ -11,7 +11,7 @@ from celery import Celery
 from celery.events import Event
 from celery.events.receiver import EventReceiver as Receiver
 
-from exporter.events import EventDecoder, MalformedMessage
+from celery_obs.exporter.events import EventDecoder, MalformedMessage
 
 NOW = 1_700_000_000.0
 

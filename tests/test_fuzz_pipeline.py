@@ -19,11 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.collector import Exposition
-from exporter.consumer import BrokerStatus, EventConsumer
-from exporter.queues import QueueLengths
-from exporter.tracker import Tracker
-from exporter.vocabulary import KNOWN_EVENT_TYPES
+from celery_obs.exporter.collector import Exposition
+from celery_obs.exporter.consumer import BrokerStatus, EventConsumer
+from celery_obs.exporter.queues import QueueLengths
+from celery_obs.exporter.tracker import Tracker
+from celery_obs.exporter.vocabulary import KNOWN_EVENT_TYPES
 
 from test_tracker import Clock
 

@@ -22,10 +22,10 @@ import bcrypt
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
-from exporter.config import parse_listen_address
-from exporter.http import Limits, MetricsServer
-from exporter.httpwire import wants_gzip
-from exporter.webconfig import WebConfigError, load_web_config
+from celery_obs.exporter.config import parse_listen_address
+from celery_obs.exporter.http import Limits, MetricsServer
+from celery_obs.exporter.httpwire import wants_gzip
+from celery_obs.exporter.webconfig import WebConfigError, load_web_config
 
 from support import ExporterProcess, free_port, http_get, run_exporter_cli, wait_for
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import bcrypt
 from test_http import basic, running
 
-from exporter.webconfig import load_web_config
+from celery_obs.exporter.webconfig import load_web_config
 
 from support import http_get
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from test_http import BODY, connect, exchange, headers_of, running, status_of, write_tls_config
 
-from exporter.http import Limits
-from exporter.webconfig import WebConfig, load_web_config
+from celery_obs.exporter.http import Limits
+from celery_obs.exporter.webconfig import WebConfig, load_web_config
 
 from support import http_get, wait_for
 

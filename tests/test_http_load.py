@@ -19,8 +19,8 @@ import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 from test_http import BODY, connect, read_all, running, write_tls_config
 
-from exporter.http import Limits
-from exporter.webconfig import load_web_config
+from celery_obs.exporter.http import Limits
+from celery_obs.exporter.webconfig import load_web_config
 
 from support import http_get, wait_for
 

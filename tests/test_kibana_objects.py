@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from stack_setup import assets as names
-from stack_setup import kibana_objects
+from celery_obs.setup import assets as names
+from celery_obs.setup import kibana_objects
 
 from es_mapping_model import BUILTIN, ROOT, mapping_at
 
@@ -23,7 +23,7 @@ def kibana_lines() -> list[dict[str, Any]]:
 def test_kibana_ndjson_is_up_to_date() -> None:
     committed = (ROOT / "kibana/celery.ndjson").read_text(encoding="utf-8")
     assert committed == kibana_objects.render(), (
-        "kibana/celery.ndjson is stale: run python -m stack_setup.kibana_objects"
+        "kibana/celery.ndjson is stale: run python -m celery_obs.setup.kibana_objects"
     )
 
 
@@ -127,7 +127,7 @@ def test_every_field_the_kibana_objects_use_is_mapped() -> None:
 
 def test_grafana_kibana_links_use_mapped_fields_and_our_data_view() -> None:
     pytest.importorskip("grafanalib")
-    from dashboards.panels import kibana_link
+    from celery_obs.dashboards.panels import kibana_link
 
     url = kibana_link()["url"]
     assert "/app/discover#/" in url and "language:kuery" in url

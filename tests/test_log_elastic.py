@@ -22,10 +22,10 @@ from typing import Any
 import elasticsearch
 import pytest
 
-from log_shipping.elastic import ElasticsearchSink, parse_url
-from log_shipping.formatter import EcsJsonFormatter
-from log_shipping.shipper import ShippingHandler
-from log_shipping.sinks import SinkError
+from celery_obs.log_shipping.elastic import ElasticsearchSink, parse_url
+from celery_obs.log_shipping.formatter import EcsJsonFormatter
+from celery_obs.log_shipping.shipper import ShippingHandler
+from celery_obs.log_shipping.sinks import SinkError
 
 from support import free_port, wait_for
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from log_shipping.fallback import MemorySpool
-from log_shipping.shipper import ShippingHandler
-from log_shipping.sinks import HttpSink
-from log_shipping.spool import Spool
+from celery_obs.log_shipping.fallback import MemorySpool
+from celery_obs.log_shipping.shipper import ShippingHandler
+from celery_obs.log_shipping.sinks import HttpSink
+from celery_obs.log_shipping.spool import Spool
 
 from log_receivers import logger_with
 from support import TESTS, wait_for
@@ -228,8 +228,8 @@ def test_a_huge_records_flood_stays_within_the_memory_bounds() -> None:
     script = textwrap.dedent(
         """
         import json, os, socket, sys
-        from log_shipping.shipper import ShippingHandler
-        from log_shipping.sinks import HttpSink
+        from celery_obs.log_shipping.shipper import ShippingHandler
+        from celery_obs.log_shipping.sinks import HttpSink
         from log_receivers import logger_with
 
         def rss_mb():
@@ -268,8 +268,8 @@ def test_a_huge_records_flood_stays_within_the_memory_bounds() -> None:
 SIGKILLED = textwrap.dedent(
     """
     import signal, sys, time
-    from log_shipping.shipper import ShippingHandler
-    from log_shipping.sinks import HttpSink
+    from celery_obs.log_shipping.shipper import ShippingHandler
+    from celery_obs.log_shipping.sinks import HttpSink
     from log_receivers import logger_with
 
     url, spool = sys.argv[1], sys.argv[2]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from log_shipping.hooks import JsonLogging, LogConfig
+from celery_obs.log_shipping.hooks import JsonLogging, LogConfig
 
 from log_receivers import logger_with
 from support import TESTS
@@ -31,7 +31,9 @@ ENV = {
 }
 
 #: Run a command where /tmp and /var/tmp are read-only (and the working directory too): no
-#: temporary directory is usable. The mounts live and die with the namespace.
+#: temporary directory is usable. They are bound read-only onto themselves, not hidden, so a
+#: checkout under /tmp (CI clones there) stays importable. The mounts live and die with the
+#: namespace.
 NO_TEMP_DIR = [
     "unshare",
     "--mount",
@@ -39,8 +41,8 @@ NO_TEMP_DIR = [
     "private",
     "sh",
     "-c",
-    "mount -t tmpfs -o ro tmpfs /tmp && mount -t tmpfs -o ro tmpfs /var/tmp && cd /tmp && "
-    'exec "$@"',
+    "for d in /tmp /var/tmp; do mount --bind $d $d && mount -o remount,bind,ro $d || exit 1; "
+    'done && cd /tmp && exec "$@"',
     "sh",
 ]
 
@@ -53,7 +55,7 @@ SHIP = textwrap.dedent(
         print("a temporary directory is usable")
     except FileNotFoundError:
         print("no temporary directory")
-    import log_shipping
+    from celery_obs import log_shipping
     log_shipping.install(None, output=sys.argv[1])
     logger = logging.getLogger("app")
     logger.propagate = False
@@ -104,7 +106,7 @@ def test_importing_and_installing_needs_no_temporary_directory() -> None:
         "import tempfile\n"
         "try:\n    tempfile.gettempdir(); print('a temporary directory is usable')\n"
         "except FileNotFoundError:\n    print('no temporary directory')\n"
-        "import log_shipping\n"
+        "from celery_obs import log_shipping\n"
         "log_shipping.install(None, output='stdout')\n"
         "print('installed')\n"
     )

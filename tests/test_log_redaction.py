@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from log_shipping.formatter import EcsJsonFormatter
-from log_shipping.lifecycle import Lifecycle
-from log_shipping.redact import REDACTED, Redactor
+from celery_obs.log_shipping.formatter import EcsJsonFormatter
+from celery_obs.log_shipping.lifecycle import Lifecycle
+from celery_obs.log_shipping.redact import REDACTED, Redactor
 
 from support import WorkerProcess, producer, wait_for
 

@@ -8,9 +8,9 @@ import logging
 import pytest
 from celery import Celery
 
-from log_shipping.hooks import LogConfig, config_from_app, config_from_env
-from log_shipping.outputs import split_outputs, spool_name
-from log_shipping.sinks import HttpSink, TcpSink
+from celery_obs.log_shipping.hooks import LogConfig, config_from_app, config_from_env
+from celery_obs.log_shipping.outputs import split_outputs, spool_name
+from celery_obs.log_shipping.sinks import HttpSink, TcpSink
 
 
 def test_a_boolean_typo_is_an_error_not_off() -> None:

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from log_shipping.hooks import LogConfig
-from log_shipping.outputs import make_shipping_handler
-from log_shipping.shipper import ShippingHandler
-from log_shipping.sinks import HttpSink, TcpSink
-from log_shipping.spool import Spool
+from celery_obs.log_shipping.hooks import LogConfig
+from celery_obs.log_shipping.outputs import make_shipping_handler
+from celery_obs.log_shipping.shipper import ShippingHandler
+from celery_obs.log_shipping.sinks import HttpSink, TcpSink
+from celery_obs.log_shipping.spool import Spool
 
 from log_receivers import HttpReceiver, TcpReceiver, logger_with
 from support import free_port, wait_for

@@ -10,10 +10,10 @@ import shutil
 import time
 from pathlib import Path
 
-from log_shipping import spool as spool_module
-from log_shipping.shipper import ShippingHandler
-from log_shipping.sinks import HttpSink
-from log_shipping.spool import Spool
+from celery_obs.log_shipping import spool as spool_module
+from celery_obs.log_shipping.shipper import ShippingHandler
+from celery_obs.log_shipping.sinks import HttpSink
+from celery_obs.log_shipping.spool import Spool
 
 from log_receivers import logger_with
 from support import free_port, wait_for

@@ -12,10 +12,10 @@ from collections import defaultdict
 import pytest
 from celery import Celery
 
-from log_shipping.formatter import EcsJsonFormatter
-from log_shipping.hooks import LogConfig, config_from_app, config_from_env
-from log_shipping.outputs import make_local_handler, split_outputs, spool_name
-from log_shipping.redact import REDACTED, Redactor
+from celery_obs.log_shipping.formatter import EcsJsonFormatter
+from celery_obs.log_shipping.hooks import LogConfig, config_from_app, config_from_env
+from celery_obs.log_shipping.outputs import make_local_handler, split_outputs, spool_name
+from celery_obs.log_shipping.redact import REDACTED, Redactor
 
 from support import WorkerProcess, producer, wait_for
 
@@ -290,7 +290,7 @@ def test_values_orjson_cannot_write_do_not_lose_the_record(logged) -> None:
 
 
 def test_extra_fields_are_kept_and_ecs_fields_win(logged) -> None:
-    from log_shipping.context import TaskContextFilter, current_task
+    from celery_obs.log_shipping.context import TaskContextFilter, current_task
 
     logger, stream = logged
     logger.handlers[0].addFilter(TaskContextFilter())
@@ -431,7 +431,7 @@ def test_redactor_walks_every_mapping_shape_and_caps_what_it_keeps() -> None:
 def test_lifecycle_logs_big_int_arguments_as_strings(logged) -> None:
     from types import SimpleNamespace
 
-    from log_shipping.lifecycle import Lifecycle
+    from celery_obs.log_shipping.lifecycle import Lifecycle
 
     logger, stream = logged
     lifecycle_logger = logging.getLogger("celery_obs.lifecycle")
@@ -457,8 +457,8 @@ def test_lifecycle_logs_big_int_arguments_as_strings(logged) -> None:
 def test_postrun_restores_the_outer_tasks_context() -> None:
     from types import SimpleNamespace
 
-    from log_shipping.context import current_task
-    from log_shipping.lifecycle import Lifecycle
+    from celery_obs.log_shipping.context import current_task
+    from celery_obs.log_shipping.lifecycle import Lifecycle
 
     lifecycle = Lifecycle(None)
     outer, inner = SimpleNamespace(name="proj.outer"), SimpleNamespace(name="proj.inner")
@@ -477,8 +477,8 @@ def test_postrun_restores_the_outer_tasks_context() -> None:
 def test_a_task_applied_eagerly_inside_another_keeps_the_outer_context(logged) -> None:
     from celery import signals
 
-    from log_shipping.context import TaskContextFilter
-    from log_shipping.lifecycle import Lifecycle
+    from celery_obs.log_shipping.context import TaskContextFilter
+    from celery_obs.log_shipping.lifecycle import Lifecycle
 
     logger, stream = logged
     logger.handlers[0].addFilter(TaskContextFilter())

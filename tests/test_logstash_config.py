@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stack_setup.assets import DATA_STREAM_TYPE, DATASET, INDEX_PATTERN, LOGSTASH_PORTS
+from celery_obs.setup.assets import DATA_STREAM_TYPE, DATASET, INDEX_PATTERN, LOGSTASH_PORTS
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "logstash/pipeline/celery.conf"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from exporter.metrics import BY_NAME
+from celery_obs.exporter.metrics import BY_NAME
 
 PROMETHEUS = Path(__file__).resolve().parent.parent / "prometheus"
 RULE_FILES = sorted((PROMETHEUS / "rules").glob("*.yml"))

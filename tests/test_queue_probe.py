@@ -7,7 +7,7 @@ import pytest
 import redis
 from kombu import Connection
 
-from exporter.queues import (
+from celery_obs.exporter.queues import (
     FAILURES_BEFORE_SUSPEND,
     SUSPEND_FOR,
     QueueLengths,

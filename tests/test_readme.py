@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from exporter.cli import build_parser
-from exporter.metrics import CATALOGUE
-from log_shipping.hooks import SETTINGS
+from celery_obs.cli import build_parser
+from celery_obs.exporter.metrics import CATALOGUE
+from celery_obs.log_shipping.hooks import NAMES as LOG_SETTING_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -44,4 +44,4 @@ def test_flag_table_lists_every_exporter_flag() -> None:
 
 def test_log_settings_table_lists_every_setting() -> None:
     documented = {name for row in table("log-settings") for name in re.findall(r"`(\w+)`", row[0])}
-    assert documented == set(SETTINGS)
+    assert documented == LOG_SETTING_NAMES

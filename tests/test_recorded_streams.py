@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from exporter.events import EventDecoder
-from exporter.metrics import DEFAULT_BUCKETS
-from exporter.tracker import Tracker, TrackerView
+from celery_obs.exporter.events import EventDecoder
+from celery_obs.exporter.metrics import DEFAULT_BUCKETS
+from celery_obs.exporter.tracker import Tracker, TrackerView
 
 STREAMS = Path(__file__).resolve().parent / "streams"
 PATHS = sorted(STREAMS.glob("*.jsonl"))

@@ -14,7 +14,7 @@ import pytest
 import redis
 from celery import Celery
 
-from exporter.redis_link import RedisSettings
+from celery_obs.exporter.redis_link import RedisSettings
 
 from brokers import RedisServer
 from support import wait_for

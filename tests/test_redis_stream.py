@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from exporter import redis_stream
-from exporter.redis_stream import (
+from celery_obs.exporter import redis_stream
+from celery_obs.exporter.redis_stream import (
     BacklogStats,
     RedisEventStream,
     StreamClosed,

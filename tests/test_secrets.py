@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from exporter.secrets import Scrubber, ScrubFilter, mask_url, option_secrets, url_secrets
+from celery_obs.exporter.secrets import Scrubber, ScrubFilter, mask_url, option_secrets, url_secrets
 
 
 @pytest.mark.parametrize(

@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from exporter.config import Limits
-from exporter.fields import exception_class, parse_eta
-from exporter.metrics import DEFAULT_BUCKETS
-from exporter.tracker import Tracker, TrackerView
+from celery_obs.exporter.config import Limits
+from celery_obs.exporter.fields import exception_class, parse_eta
+from celery_obs.exporter.metrics import DEFAULT_BUCKETS
+from celery_obs.exporter.tracker import Tracker, TrackerView
 
 WORKER = "w@h"
 KEY = ("app.add", "q1")

@@ -12,7 +12,7 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.tracker import Tracker
+from celery_obs.exporter.tracker import Tracker
 
 from test_tracker import Clock
 

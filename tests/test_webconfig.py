@@ -7,7 +7,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from exporter.webconfig import MAX_FILE_BYTES, WebConfigError, load_web_config
+from celery_obs.exporter.webconfig import MAX_FILE_BYTES, WebConfigError, load_web_config
 
 from support import free_port, run_exporter_cli
 

@@ -16,7 +16,7 @@ import bcrypt
 import pytest
 from test_http import basic, running, write_tls_config
 
-from exporter.webconfig import WebConfigWatcher, load_web_config, stamp
+from celery_obs.exporter.webconfig import WebConfigWatcher, load_web_config, stamp
 
 from support import ExporterProcess, http_get, wait_for
 
@@ -48,7 +48,7 @@ def log_lines() -> Iterator[io.StringIO]:
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    logger = logging.getLogger("exporter.webconfig")
+    logger = logging.getLogger("celery_obs.exporter.webconfig")
     logger.addHandler(handler)
     old_level = logger.level
     logger.setLevel(logging.INFO)

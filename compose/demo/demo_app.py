@@ -16,7 +16,7 @@ from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 
-import log_shipping
+from celery_obs import log_shipping
 
 #: Queues the worker consumes and the exporter probes; docker-compose.yml names them too.
 QUEUES = ("celery", "images", "reports")

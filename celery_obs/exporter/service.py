@@ -12,7 +12,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 
 from kombu import Connection
 
@@ -35,10 +34,9 @@ _IO_TIMEOUTS: dict[str, dict[str, float]] = {
 
 
 def package_version() -> str:
-    try:
-        return version("celery-observability")
-    except PackageNotFoundError:  # running from a source tree that was not installed
-        return "unknown"
+    from .. import __version__  # the package's one version (pyproject reads it too)
+
+    return __version__
 
 
 class Exporter:

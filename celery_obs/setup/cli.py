@@ -12,96 +12,145 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from ..settings import Setting, SettingTable, non_negative, parse_bool
 from .assets import DEFAULT_DELETE_AFTER, check_age, data_stream_name
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
-def _env(environ: Mapping[str, str], *names: str) -> str | None:
-    for name in names:
-        if environ.get(name):
-            return environ[name]
-    return None
-
-
 def _age(text: str) -> str:
-    try:
-        return check_age(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return check_age(text)
 
 
-def _seconds(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return value
+def _connection_settings(
+    product: str, port: int, env: dict[str, tuple[str, ...]], extra: tuple[Setting, ...]
+) -> SettingTable:
+    """--url and the credentials; `env` maps each to the variables it falls back to."""
+    return SettingTable(
+        (
+            Setting(
+                "url",
+                f"{product} URL, e.g. https://host:{port}.",
+                None,
+                flag="--url",
+                env=env["url"],
+                metavar="URL",
+                shown="(required)",
+            ),
+            Setting(
+                "api_key",
+                "API key (the base64 'encoded' value); from the environment it wins over a user.",
+                None,
+                flag="--api-key",
+                env=env["api_key"],
+                metavar="KEY",
+                secret=True,
+                exclusive="auth",
+            ),
+            Setting(
+                "user",
+                "Basic auth user.",
+                None,
+                flag="--user",
+                env=env["user"],
+                metavar="NAME",
+                exclusive="auth",
+            ),
+            Setting(
+                "password",
+                "Basic auth password; prefer the environment (command lines are visible to "
+                "every user of the host).",
+                None,
+                flag="--password",
+                env=env["password"],
+                metavar="PASSWORD",
+                secret=True,
+            ),
+            Setting(
+                "ca_certs",
+                f"PEM file of the CA that signed {product}'s certificate.",
+                None,
+                flag="--ca-certs",
+                env=env["ca_certs"],
+                metavar="FILE",
+            ),
+            Setting(
+                "insecure",
+                "Do not verify the TLS certificate (testing only).",
+                False,
+                parse_bool,
+                flag="--insecure",
+            ),
+            Setting(
+                "wait",
+                f"Keep retrying while {product} is unreachable or starting, up to SECONDS (for "
+                "a one-shot setup container); 0 tries once.",
+                0.0,
+                non_negative(float),
+                flag="--wait",
+                metavar="SECONDS",
+            ),
+            Setting(
+                "assets",
+                "Directory holding elasticsearch/ and kibana/ (default: the ones this "
+                "installation carries).",
+                None,
+                flag="--assets",
+                env=("CELERY_OBS_ASSETS",),
+                metavar="DIR",
+                shown="(installed)",
+            ),
+            *extra,
+        )
+    )
 
 
-def _connection_arguments(
-    parser: argparse.ArgumentParser,
-    environ: Mapping[str, str],
-    product: str,
-    env: dict[str, tuple[str, ...]],
-) -> None:
-    """--url and the credentials; `env` maps each option to the variables it falls back to."""
-
-    def shown(option: str) -> str:
-        return " or ".join(env[option])
-
-    parser.add_argument(
-        "--url",
-        default=_env(environ, *env["url"]),
-        metavar="URL",
-        help=f"{product} URL, e.g. https://host:{9200 if product == 'Elasticsearch' else 5601} "
-        f"[env {shown('url')}]",
-    )
-    auth = parser.add_mutually_exclusive_group()
-    auth.add_argument(
-        "--api-key",
-        default=_env(environ, *env["api_key"]),
-        metavar="KEY",
-        help=f"API key (the base64 'encoded' value) [env {shown('api_key')}]",
-    )
-    auth.add_argument(
-        "--user",
-        default=_env(environ, *env["user"]),
-        metavar="NAME",
-        help=f"Basic auth user [env {shown('user')}]",
-    )
-    parser.add_argument(
-        "--password",
-        default=_env(environ, *env["password"]),
-        metavar="PASSWORD",
-        help=f"Basic auth password; prefer the environment [env {shown('password')}]",
-    )
-    parser.add_argument(
-        "--ca-certs",
-        default=_env(environ, *env["ca_certs"]),
-        metavar="FILE",
-        help=f"PEM file of the CA that signed {product}'s certificate [env {shown('ca_certs')}]",
-    )
-    parser.add_argument(
-        "--insecure",
-        action="store_true",
-        help="Do not verify the TLS certificate (testing only)",
-    )
-    parser.add_argument(
-        "--wait",
-        type=_seconds,
-        default=0.0,
-        metavar="SECONDS",
-        help=f"Keep retrying while {product} is unreachable or starting, up to SECONDS "
-        "(for a one-shot setup container) [default 0: one try]",
-    )
-    parser.add_argument(
-        "--assets",
-        default=None,
-        metavar="DIR",
-        help="Directory holding elasticsearch/ and kibana/ [env CELERY_OBS_ASSETS; default the "
-        "source checkout]",
-    )
+#: `celery-obs setup elasticsearch`: docs/elastic-stack.md's table is its rendering.
+ELASTICSEARCH_SETTINGS = _connection_settings(
+    "Elasticsearch",
+    9200,
+    {
+        "url": ("ELASTICSEARCH_URL", "ELASTICSEARCH_HOSTS"),
+        "api_key": ("ELASTICSEARCH_API_KEY",),
+        "user": ("ELASTICSEARCH_USERNAME",),
+        "password": ("ELASTICSEARCH_PASSWORD",),
+        "ca_certs": ("ELASTICSEARCH_CA_CERTS",),
+    },
+    (
+        Setting(
+            "delete_after",
+            "Delete log indices this long after they roll over (daily): 30d, 12h, ...",
+            DEFAULT_DELETE_AFTER,
+            _age,
+            flag="--delete-after",
+            metavar="AGE",
+        ),
+    ),
+)
+#: `celery-obs setup kibana`: credentials default to the Elasticsearch ones.
+KIBANA_SETTINGS = _connection_settings(
+    "Kibana",
+    5601,
+    {
+        "url": ("KIBANA_URL",),
+        "api_key": ("KIBANA_API_KEY", "ELASTICSEARCH_API_KEY"),
+        "user": ("KIBANA_USERNAME", "ELASTICSEARCH_USERNAME"),
+        "password": ("KIBANA_PASSWORD", "ELASTICSEARCH_PASSWORD"),
+        "ca_certs": ("KIBANA_CA_CERTS", "ELASTICSEARCH_CA_CERTS"),
+    },
+    (
+        Setting(
+            "space",
+            "Kibana space to import into.",
+            None,
+            flag="--space",
+            env=("KIBANA_SPACE",),
+            metavar="ID",
+            shown="(the default space)",
+        ),
+    ),
+)
 
 
 def add_setup_parser(commands: Any, environ: Mapping[str, str]) -> None:
@@ -122,26 +171,7 @@ def add_setup_parser(commands: Any, environ: Mapping[str, str]) -> None:
         "for celery.*, event.* and labels.*. Needs the cluster privileges manage_ilm and "
         "manage_index_templates.",
     )
-    _connection_arguments(
-        es,
-        environ,
-        "Elasticsearch",
-        {
-            "url": ("ELASTICSEARCH_URL", "ELASTICSEARCH_HOSTS"),
-            "api_key": ("ELASTICSEARCH_API_KEY",),
-            "user": ("ELASTICSEARCH_USERNAME",),
-            "password": ("ELASTICSEARCH_PASSWORD",),
-            "ca_certs": ("ELASTICSEARCH_CA_CERTS",),
-        },
-    )
-    es.add_argument(
-        "--delete-after",
-        type=_age,
-        default=DEFAULT_DELETE_AFTER,
-        metavar="AGE",
-        help="Delete log indices this long after they roll over (daily): 30d, 12h, ... "
-        f"[default {DEFAULT_DELETE_AFTER}]",
-    )
+    ELASTICSEARCH_SETTINGS.add_arguments(es, environ)
     kibana = targets.add_parser(
         "kibana",
         help="Import the data view, saved searches and dashboard.",
@@ -149,24 +179,7 @@ def add_setup_parser(commands: Any, environ: Mapping[str, str]) -> None:
         "searches, Lens charts, the 'Celery logs' dashboard), overwriting earlier copies. "
         "Credentials default to the Elasticsearch ones.",
     )
-    _connection_arguments(
-        kibana,
-        environ,
-        "Kibana",
-        {
-            "url": ("KIBANA_URL",),
-            "api_key": ("KIBANA_API_KEY", "ELASTICSEARCH_API_KEY"),
-            "user": ("KIBANA_USERNAME", "ELASTICSEARCH_USERNAME"),
-            "password": ("KIBANA_PASSWORD", "ELASTICSEARCH_PASSWORD"),
-            "ca_certs": ("KIBANA_CA_CERTS", "ELASTICSEARCH_CA_CERTS"),
-        },
-    )
-    kibana.add_argument(
-        "--space",
-        default=_env(environ, "KIBANA_SPACE"),
-        metavar="ID",
-        help="Kibana space to import into [env KIBANA_SPACE; default the default space]",
-    )
+    KIBANA_SETTINGS.add_arguments(kibana, environ)
 
 
 def _fail(target: str, message: str, code: int = EXIT_FAILED) -> int:
@@ -189,7 +202,7 @@ def _check_auth(args: argparse.Namespace) -> str | None:
 def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """Run `setup <target>`; returns the exit code."""
     from .assets import Assets, AssetsError, find_assets
-    from .elasticsearch import SetupError
+    from .errors import SetupError
 
     target = args.target
     problem = _check_auth(args)
@@ -209,7 +222,16 @@ def run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def _setup_elasticsearch(args: argparse.Namespace, assets: Any) -> int:
-    from .elasticsearch import Connection, install
+    try:
+        from .elasticsearch import Connection, install
+    except ImportError as exc:  # the client is the [elasticsearch] extra
+        return _fail(
+            "elasticsearch",
+            f"needs the Elasticsearch client ({exc}): pip install "
+            "'celery-observability[elasticsearch]' "
+            "(from a checkout: pip install '.[elasticsearch]')",
+            EXIT_USAGE,
+        )
 
     connection = Connection(
         url=args.url,

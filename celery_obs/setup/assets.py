@@ -2,8 +2,8 @@
 
 The Elasticsearch templates and the Kibana saved objects live at the top of the repository
 (`elasticsearch/`, `kibana/`) so that users attaching to an existing cluster can read or copy
-them without Python. They are looked up in `--assets DIR`, else `$CELERY_OBS_ASSETS`, else the
-source checkout this package was imported from.
+them without Python; the wheel carries a copy (`celery_obs.assets`). They are looked up in
+`--assets DIR`, else `$CELERY_OBS_ASSETS`, else in this installation.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .. import assets as package_assets
 
 ASSETS_ENV = "CELERY_OBS_ASSETS"
 
@@ -64,14 +66,14 @@ def find_assets(given: str | None = None, environ: Mapping[str, str] | None = No
                     "in it (the root of a celery-observability checkout)"
                 )
             return directory
-    checkout = Path(__file__).resolve().parents[1]
-    if _has_assets(checkout):
-        return checkout
-    raise AssetsError(
-        "cannot find the Elasticsearch templates and Kibana objects: this installation has no "
-        "source checkout beside it. Pass --assets DIR or set CELERY_OBS_ASSETS to the root of a "
-        "celery-observability checkout (the directory holding elasticsearch/ and kibana/)."
-    )
+    try:
+        return package_assets.root()  # the wheel's packed copy, or the source checkout
+    except package_assets.AssetsNotFound as exc:
+        raise AssetsError(
+            f"cannot find the Elasticsearch templates and Kibana objects: {exc}. Or pass "
+            "--assets DIR / set CELERY_OBS_ASSETS to a directory holding elasticsearch/ and "
+            "kibana/ (celery-obs assets export DIR writes one)."
+        ) from None
 
 
 def check_age(text: str) -> str:

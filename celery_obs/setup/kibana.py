@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .elasticsearch import SetupError
+from .errors import SetupError
 
 # Kibana answers 503 while it starts or while Elasticsearch is unavailable.
 _TRANSIENT = {429, 502, 503, 504}

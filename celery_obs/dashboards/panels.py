@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 
 from grafanalib import core as g
 
-from exporter import metrics as m
+from celery_obs.exporter import metrics as m
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 SCHEMA_VERSION = 39
@@ -83,7 +83,7 @@ def targets(pairs: Iterable[tuple[str, str]]) -> list[g.Target]:
     return [target(expr, legend, chr(ord("A") + i)) for i, (expr, legend) in enumerate(pairs)]
 
 
-#: The data view `celery-obs setup kibana` installs (stack_setup.assets.DATA_VIEW_ID).
+#: The data view `celery-obs setup kibana` installs (celery_obs.setup.assets.DATA_VIEW_ID).
 KIBANA_DATA_VIEW = "celery-logs"
 
 

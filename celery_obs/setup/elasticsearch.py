@@ -21,6 +21,7 @@ from elastic_transport import ConnectionError as TransportConnectionError
 from elastic_transport import TlsError, TransportError
 
 from .assets import COMPONENT_TEMPLATE, ILM_POLICY, INDEX_PATTERN, INDEX_TEMPLATE, Assets
+from .errors import SetupError
 
 _COMPAT = "application/vnd.elasticsearch+json; compatible-with=8"
 HEADERS = {"accept": _COMPAT, "content-type": _COMPAT}
@@ -28,10 +29,6 @@ HEADERS = {"accept": _COMPAT, "content-type": _COMPAT}
 MIN_VERSION = (8, 7)
 # Statuses that mean "not ready yet" (starting node, no master, overloaded): worth a retry.
 _TRANSIENT = {429, 502, 503, 504}
-
-
-class SetupError(Exception):
-    """The setup could not be done; the message is for the user."""
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,13 @@ def make_sink(spec: str, config: LogConfig) -> Sink:
     scheme = urllib.parse.urlsplit(spec).scheme
     tls = ssl_context(config) if scheme.endswith(("https", "tls")) else None
     if scheme.startswith(ES_PREFIX):
-        from .elastic import ElasticsearchSink  # the elasticsearch client loads only if used
+        try:
+            from .elastic import ElasticsearchSink  # the client loads only if used
+        except ImportError as exc:  # the [elasticsearch] extra is not installed
+            raise ValueError(
+                f"output {spec!r} needs the Elasticsearch client ({exc}): pip install "
+                "'celery-observability[elasticsearch]'"
+            ) from None
 
         return ElasticsearchSink(
             spec,

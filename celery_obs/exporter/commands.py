@@ -1,41 +1,27 @@
-"""`celery-obs`: the command line. Parses flags and environment at the edge, then runs a command.
-
-celery-obs exporter --broker-url redis://host:6379/0     watch a cluster, serve /metrics
-celery-obs demo                                           embedded cluster + exporter
-celery-obs dashboards                                     write the Grafana dashboards
-celery-obs setup elasticsearch|kibana --url URL           templates / saved objects for the logs
+"""The exporter's commands: `exporter` (watch a cluster, serve /metrics) and `demo` (an embedded
+cluster plus the exporter). The umbrella `celery-obs` command line (celery_obs.cli) registers
+them with `add_commands` and calls `run`.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-
-from stack_setup.cli import add_setup_parser
-from stack_setup.cli import run as run_setup
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from .config import ExporterConfig, add_exporter_arguments, config_from_args
 from .secrets import Scrubber, ScrubFilter
-from .service import Exporter, package_version
+from .service import Exporter
 from .webconfig import WebConfigError
 
 log = logging.getLogger("celery_obs")
 
 
-def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="celery-obs",
-        description="Observability for existing Celery clusters: attach by broker URL.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def add_commands(commands: Any, environ: Mapping[str, str]) -> None:
     exporter = commands.add_parser(
         "exporter",
         help="Consume the cluster's events and serve Prometheus metrics.",
@@ -59,26 +45,24 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="Demo load: tasks sent per second [default 10]",
     )
 
-    dashboards = commands.add_parser(
-        "dashboards",
-        help="Write the Grafana dashboards as JSON.",
-        description="Write the Grafana dashboards (grafanalib) as deterministic JSON files.",
-    )
-    dashboards.add_argument(
-        "--out",
-        default="grafana/dashboards",
-        metavar="DIR",
-        help="Directory to write into [default grafana/dashboards]",
-    )
-    dashboards.add_argument(
-        "--kibana-url",
-        default="http://localhost:5601",
-        metavar="URL",
-        help="Kibana base URL for the task log links (also a dashboard variable) "
-        "[default http://localhost:5601]",
-    )
-    add_setup_parser(commands, environ)
-    return parser
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run the `exporter` or `demo` command parsed into `args`."""
+    if args.command == "exporter" and not args.broker_url:
+        parser.error(
+            "exporter: --broker-url (or CELERY_OBS_BROKER_URL / CELERY_BROKER_URL) is required"
+        )
+    config = config_from_args(args)
+    if hasattr(signal, "SIGHUP"):  # a SIGHUP while starting must not end the process either
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    setup_logging(config.log_level, config.scrubber())
+    try:
+        if args.command == "demo":
+            return run_demo(config, args.tasks_per_second)
+        return run_exporter(config)
+    except StartupError as exc:
+        print(f"celery-obs: {exc}", file=sys.stderr)
+        return 2
 
 
 def setup_logging(level: str, scrub: Scrubber | None = None) -> None:
@@ -154,6 +138,19 @@ def run_exporter(config: ExporterConfig) -> int:
     return 0
 
 
+def what_next(url: str) -> str:
+    return f"""
+What next:
+  - See the counters:       curl -s {url}/metrics | grep '^celery_task_'
+  - Watch your own cluster: celery-obs exporter --broker-url redis://your-redis:6379/0
+    (workers need events on: celery -A proj worker -E, and task_send_sent_event = True
+    where tasks are published, for queue labels)
+  - JSON logs from workers: from celery_obs import log_shipping; log_shipping.install(app)
+  - Dashboards and alerts:  celery-obs assets export ./celery-obs-assets
+  - Everything else:        the README and docs/ of celery-observability
+"""
+
+
 def run_demo(config: ExporterConfig, tasks_per_second: float) -> int:
     from .demo import DEMO_QUEUES, DemoCluster
 
@@ -170,51 +167,8 @@ def run_demo(config: ExporterConfig, tasks_per_second: float) -> int:
         flush=True,
     )
     print(f"celery-obs demo: metrics at {exporter.url}/metrics (Ctrl-C to stop)", flush=True)
+    print(what_next(exporter.url), flush=True)
     wait_for_signal(on_hangup=exporter.server.reload_web_config)
     cluster.stop()
     exporter.stop()
     return 0
-
-
-def write_dashboards(out: Path, kibana_url: str) -> int:
-    try:
-        from dashboards import write_all
-    except ImportError as exc:  # grafanalib is an optional extra
-        print(
-            f"celery-obs: dashboards need grafanalib ({exc}); "
-            "pip install 'celery-observability[dashboards]'",
-            file=sys.stderr,
-        )
-        return 2
-    for path in write_all(out, kibana_url):
-        print(f"wrote {path}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    environ = os.environ if environ is None else environ
-    parser = build_parser(environ)
-    args = parser.parse_args(argv)
-    if args.command == "dashboards":
-        return write_dashboards(Path(args.out), args.kibana_url)
-    if args.command == "setup":
-        return run_setup(args, environ)
-    if args.command == "exporter" and not args.broker_url:
-        parser.error(
-            "exporter: --broker-url (or CELERY_OBS_BROKER_URL / CELERY_BROKER_URL) is required"
-        )
-    config = config_from_args(args)
-    if hasattr(signal, "SIGHUP"):  # a SIGHUP while starting must not end the process either
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    setup_logging(config.log_level, config.scrubber())
-    try:
-        if args.command == "demo":
-            return run_demo(config, args.tasks_per_second)
-        return run_exporter(config)
-    except StartupError as exc:
-        print(f"celery-obs: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

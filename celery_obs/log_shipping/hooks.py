@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery, signals
 from celery.utils.log import get_multiprocessing_logger
 
+from ..settings import Setting, SettingTable, csv, parse_bool, positive
 from . import outputs
 from .context import TaskContextFilter
 from .formatter import EcsJsonFormatter
@@ -60,16 +61,6 @@ class LogConfig:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _bool(text: str) -> bool:
-    word = text.strip().lower()
-    if word in ("1", "true", "yes", "on"):
-        return True
-    if word in ("0", "false", "no", "off"):
-        return False
-    # A typo must not quietly mean "off": verify_certs=ture would turn TLS checks off.
-    raise ValueError(f"expected true/false, yes/no, on/off or 1/0, got {text!r}")
-
-
 def _level(value: str | int) -> str:
     """INFO, info, 20 or logging.INFO: a level name, or ValueError."""
     name = logging.getLevelName(value) if isinstance(value, int) else str(value).strip().upper()
@@ -78,28 +69,70 @@ def _level(value: str | int) -> str:
     return name
 
 
-def _patterns(text: str) -> tuple[str, ...]:
-    return tuple(p.strip() for p in text.split(",") if p.strip())
+def _setting(name: str, default_shown: str, help: str, parse: Any = str, **more: Any) -> Setting:
+    return Setting(
+        name, help, None, parse, env=(ENV_PREFIX + name.upper(),), shown=default_shown, **more
+    )
 
 
-#: Settings a deployment may change without code, and how their text is read.
-SETTINGS: dict[str, Callable[[str], Any]] = {
-    "service_name": str,
-    "output": str,
-    "level": _level,
-    "include_args": _bool,
-    "redact": _patterns,
-    "max_value_length": int,
-    "username": str,
-    "password": str,
-    "api_key": str,
-    "ca_certs": str,
-    "verify_certs": _bool,
-    "spool_dir": str,
-    "spool_max_mb": int,
-    "flush_interval": float,
-    "data_stream": str,
-}
+#: Settings a deployment may change without code: install() keyword arguments, `app.conf`
+#: keys `celery_obs_log_<name>` and `CELERY_OBS_LOG_<NAME>` variables. docs/worker-logs.md's
+#: table is this table's rendering.
+SETTINGS = SettingTable(
+    (
+        _setting("service_name", "the app's main name", "`service.name` of every record."),
+        _setting("output", "stdout", "Comma-separated outputs (see the outputs table)."),
+        _setting(
+            "level",
+            "the worker's -l",
+            "Level of the worker's loggers (lifecycle records are INFO, failures ERROR).",
+            _level,
+        ),
+        _setting("include_args", "off", "Log task args/kwargs (redacted, truncated).", parse_bool),
+        _setting(
+            "redact",
+            "password, passwd, secret, token, authorization, api_key, ...",
+            "Comma-separated key patterns whose values are redacted (values are also scrubbed "
+            "by shape: credentials in URLs, key=value pairs, bearer tokens).",
+            csv,
+        ),
+        _setting("max_value_length", "256", "Longer argument values are cut.", positive(int)),
+        _setting(
+            "username",
+            "none",
+            "Basic auth for http(s) and Elasticsearch outputs (also accepted in the URL).",
+        ),
+        _setting("password", "none", "Basic auth password.", secret=True),
+        _setting(
+            "api_key",
+            "none",
+            "`Authorization: ApiKey ...` for http(s) and Elasticsearch outputs.",
+            secret=True,
+        ),
+        _setting("ca_certs", "system CAs", "CA bundle for https, tls and Elasticsearch outputs."),
+        _setting(
+            "verify_certs",
+            "on",
+            "Off skips certificate checks (testing only); anything but true/false, yes/no, "
+            "on/off, 1/0 is an error.",
+            parse_bool,
+        ),
+        _setting(
+            "spool_dir",
+            "$TMPDIR/celery-obs-log-spool-<uid>",
+            "Where undelivered batches wait (mode 0700); put it on a volume.",
+        ),
+        _setting("spool_max_mb", "256", "Per process and destination.", positive(int)),
+        _setting(
+            "flush_interval",
+            "0.5",
+            "Seconds between batches when fewer than 500 lines are queued.",
+            positive(float),
+        ),
+        _setting("data_stream", "logs-celery-default", "Elasticsearch output: target data stream."),
+    )
+)
+NAMES = frozenset(setting.name for setting in SETTINGS)
 
 
 def _with(base: LogConfig, values: Mapping[str, Any]) -> LogConfig:
@@ -108,15 +141,7 @@ def _with(base: LogConfig, values: Mapping[str, Any]) -> LogConfig:
 
 def config_from_env(environ: Mapping[str, str], base: LogConfig) -> LogConfig:
     """Environment variables override everything else."""
-    values: dict[str, Any] = {}
-    for name, convert in SETTINGS.items():
-        raw = environ.get(ENV_PREFIX + name.upper())
-        if raw:
-            try:
-                values[name] = convert(raw)
-            except ValueError:
-                raise ValueError(f"{ENV_PREFIX + name.upper()}={raw!r} is not valid") from None
-    return _with(base, values)
+    return _with(base, SETTINGS.from_environ(environ))
 
 
 def config_from_app(app: Celery | None, base: LogConfig) -> LogConfig:
@@ -124,18 +149,19 @@ def config_from_app(app: Celery | None, base: LogConfig) -> LogConfig:
     if app is None:
         return base
     values: dict[str, Any] = {}
-    for name, convert in SETTINGS.items():
-        value = app.conf.get(CONF_PREFIX + name)
+    for setting in SETTINGS:
+        key = CONF_PREFIX + setting.name
+        value = app.conf.get(key)
         if value is None:
             continue
-        try:
-            if name == "redact" and not isinstance(value, str):
-                value = tuple(value)
-            elif name == "level" or (isinstance(value, str) and convert is not str):
-                value = convert(value)
-        except ValueError as exc:
-            raise ValueError(f"app.conf {CONF_PREFIX + name}: {exc}") from None
-        values[name] = value
+        if setting.name == "redact" and not isinstance(value, str):
+            value = tuple(value)
+        elif setting.name == "level" or (isinstance(value, str) and setting.parse is not str):
+            try:
+                value = setting.parse(value)
+            except ValueError as exc:
+                raise ValueError(f"app.conf {key}: {exc}") from None
+        values[setting.name] = value
     return _with(base, values)
 
 
@@ -225,7 +251,7 @@ def install(
     """
     if _installed:
         return _installed[0][0].config
-    unknown = set(network) - set(SETTINGS)
+    unknown = set(network) - NAMES
     if unknown:
         raise TypeError(f"install() got unknown settings: {', '.join(sorted(unknown))}")
     given = {

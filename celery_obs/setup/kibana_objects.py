@@ -5,7 +5,7 @@ story), four Lens charts and a dashboard that shows them. Objects have fixed ids
 re-importing overwrites them and links (Grafana's "logs of this task") stay valid. The lines
 are written deterministically; a test regenerates them and fails when the file is stale:
 
-    python -m stack_setup.kibana_objects kibana/celery.ndjson
+    python -m celery_obs.setup.kibana_objects kibana/celery.ndjson
 
 Versions: `typeMigrationVersion` says which saved object format each object is in; these are
 the formats Kibana 8.11 exports. Newer Kibanas (8.x, 9.x) migrate them on import; Kibana 8.11
