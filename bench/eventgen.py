@@ -203,7 +203,20 @@ def encode_amqp(workload: Workload) -> list[tuple[str, bytes]]:
     return [(key, json.dumps(body).encode()) for key, body in messages(workload)]
 
 
-class RedisPublisher:
+class _Closing:
+    """Publishers own a broker connection: use them in a `with` block, or close() them."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RedisPublisher(_Closing):
     def __init__(self, url: str) -> None:
         import redis
 
@@ -220,8 +233,11 @@ class RedisPublisher:
             pipe.publish(channel, payload)
         pipe.execute()
 
+    def close(self) -> None:
+        self.client.close()
 
-class AmqpPublisher:
+
+class AmqpPublisher(_Closing):
     def __init__(self, url: str) -> None:
         import amqp
 
@@ -238,6 +254,9 @@ class AmqpPublisher:
 
     def publish(self, wire: Sequence[tuple[str, bytes]], rate: float = 0, chunk: int = 50) -> None:
         _paced(wire, rate, chunk, self._send)
+
+    def close(self) -> None:
+        self.connection.close()
 
     def _send(self, part: Sequence[tuple[str, bytes]]) -> None:
         import amqp

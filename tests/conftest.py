@@ -23,7 +23,7 @@ from kombu import Connection
 
 from brokers import RabbitVhost, RedisServer
 from log_receivers import HttpReceiver
-from support import ExporterProcess, WorkerProcess, free_port
+from support import PRODUCERS, ExporterProcess, WorkerProcess, free_port
 
 AMQP_GUEST = "amqp://guest:guest@127.0.0.1:5672"
 _redis_databases = itertools.cycle(range(16))
@@ -80,6 +80,14 @@ def amqp_url(rabbit: RabbitVhost) -> str:
 @pytest.fixture(params=["redis", "amqp"])
 def broker_url(request: pytest.FixtureRequest) -> str:
     return request.getfixturevalue(f"{request.param}_url")
+
+
+@pytest.fixture(autouse=True)
+def close_producers() -> Iterator[None]:
+    """Producer apps hold pooled broker connections: close them with the test that made them."""
+    yield
+    while PRODUCERS:
+        PRODUCERS.pop().close()
 
 
 @pytest.fixture

@@ -20,6 +20,8 @@ from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
 TESTS = Path(__file__).resolve().parent
+#: The repository (the asset folders, docs, the Dockerfile ...).
+ROOT = TESTS.parent
 T = TypeVar("T")
 
 
@@ -235,10 +237,15 @@ def run_exporter_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+#: Producer apps made by the current test; conftest closes their connection pools after it.
+PRODUCERS: list[Celery] = []
+
+
 def producer(broker_url: str, queue: str) -> Celery:
     """A producer app like the user's: publishes by task name, with task-sent events."""
     app = Celery("obs_producer", broker=broker_url, set_as_current=False)
     app.conf.update(task_send_sent_event=True, task_default_queue=queue, task_ignore_result=True)
+    PRODUCERS.append(app)
     return app
 
 

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import venv
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,11 +19,9 @@ from celery_obs.assets import ASSET_DIRS, listing
 
 from es_mapping_model import ASSETS
 from fakes import FakeElasticsearch
-from support import Process, Scrape, free_port, http_get, wait_for
+from support import ROOT, Process, Scrape, free_port, http_get, wait_for
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(*args: str | Path, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -46,13 +43,13 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def installed(built: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def installed(built: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A clean virtualenv with the wheel's base install: its bin/ directory."""
     home = tmp_path_factory.mktemp("venv")
     venv.EnvBuilder(with_pip=True).create(home)
     bin_dir = home / "bin"
     run(bin_dir / "pip", "install", "--quiet", "--disable-pip-version-check", built, cwd=home)
-    yield bin_dir
+    return bin_dir
 
 
 def test_the_wheel_packs_every_asset_equal_to_its_source(built: Path) -> None:

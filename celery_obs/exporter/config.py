@@ -95,7 +95,8 @@ def parse_listen_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"listen address must be HOST:PORT or :PORT, got {address!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    # An empty host is every IPv4 interface, as every Prometheus exporter listens.
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104
 
 
 def env_name(flag: str) -> str:

@@ -43,12 +43,12 @@ def build_app(broker_url: str) -> Celery:
 
     @app.task(name="demo.resize_image")
     def resize_image(width: int) -> int:
-        time.sleep(random.uniform(0.05, 0.4))
+        time.sleep(random.uniform(0.05, 0.4))  # noqa: S311 - demo load, not a secret
         return width // 2
 
     @app.task(name="demo.charge_card")
     def charge_card(amount: int) -> str:
-        roll = random.random()
+        roll = random.random()  # noqa: S311 - demo load, not a secret
         if roll < 0.08:
             raise PaymentDeclined(f"card declined for {amount}")
         if roll < 0.12:
@@ -57,7 +57,7 @@ def build_app(broker_url: str) -> Celery:
 
     @app.task(name="demo.sync_inventory", bind=True, max_retries=2, default_retry_delay=0.5)
     def sync_inventory(self: object, sku: str) -> str:
-        if random.random() < 0.2:
+        if random.random() < 0.2:  # noqa: S311 - demo load, not a secret
             raise self.retry(exc=ConnectionError("inventory service busy"))  # type: ignore[attr-defined]
         return sku
 

@@ -328,7 +328,8 @@ class MetricsServer:
     def url(self) -> str:
         host, port = self.server_address[:2]
         scheme = "https" if self.watcher.current().ssl_context else "http"
-        shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        # Only the URL shown for the address listened on: all interfaces -> a local one.
+        shown = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
         shown = f"[{shown}]" if ":" in str(shown) else shown
         return f"{scheme}://{shown}:{port}"
 

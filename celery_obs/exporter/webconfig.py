@@ -197,7 +197,8 @@ class _Reader:
         if len(data) > MAX_FILE_BYTES:
             raise self.error(f"web config is larger than {MAX_FILE_BYTES} bytes")
         try:
-            return yaml.load(data.decode("utf-8"), Loader=_StrictLoader)  # a SafeLoader subclass
+            # _StrictLoader is a SafeLoader subclass (no objects), stricter still (no aliases).
+            return yaml.load(data.decode("utf-8"), Loader=_StrictLoader)  # noqa: S506
         except UnicodeDecodeError:
             raise self.error("web config is not UTF-8 text") from None
         except _Refused as exc:
@@ -418,7 +419,8 @@ class WebConfigWatcher:
 
     def _reload(self) -> bool:
         old = self._config
-        assert old.path is not None
+        if old.path is None:  # a config built in code, not read from a file: nothing to reread
+            return False
         try:
             new = self._load(old.path)
             if (new.ssl_context is None) != (old.ssl_context is None):

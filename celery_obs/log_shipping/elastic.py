@@ -1,20 +1,22 @@
 """Ship log lines straight into an Elasticsearch data stream, without Logstash in between.
 
 `ElasticsearchSink` is a `Sink` for `ShippingHandler`: the handler batches, retries with backoff
-and spools to disk; this module turns one batch into one `_bulk` request (through the client's
-bulk helper) and sorts the answer per document into stored, to retry, and refused for good.
+and spools to disk; this module turns one batch into one `_bulk` request (through the client,
+for auth, TLS and the product check; REST compatibility pinned to 8 so that 8.x and 9.x clients
+both work with Elasticsearch 8 and 9) and sorts the answer per document into stored, to retry,
+and refused for good.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import urllib.parse
 from collections import Counter, deque
 from typing import Any
 
-from elasticsearch import Elasticsearch
-from elasticsearch.helpers import streaming_bulk
+from elasticsearch import ApiError, Elasticsearch
 
 from .sinks import PERMANENT_STATUSES, SinkError
 
@@ -50,6 +52,12 @@ def parse_url(url: str) -> tuple[str, tuple[str, str] | None]:
 
 #: Per-document statuses worth retrying: throttling, and refusals that hit every record alike.
 RETRY_STATUSES = frozenset({403, 404, 429})
+#: REST API compatibility 8: Elasticsearch 8 refuses the 9 a 9.x client asks for by default,
+#: and Elasticsearch 9 still answers 8-compatible requests.
+BULK_HEADERS = {
+    "accept": "application/vnd.elasticsearch+json; compatible-with=8",
+    "content-type": "application/vnd.elasticsearch+x-ndjson; compatible-with=8",
+}
 
 
 class ElasticsearchSink:
@@ -59,8 +67,8 @@ class ElasticsearchSink:
     - No `_id` is sent, so Elasticsearch makes one. When a request times out after Elasticsearch
       stored the batch, the handler's retry stores it again: delivery is at least once. Content
       based ids would dedupe but cost Elasticsearch an id lookup per document on every write.
-    - Lines go out byte for byte (the client's JSON serializer passes bytes through): never parsed.
-    - Nothing here sleeps or retries (transport retries are off, and the helper's): the handler
+    - Lines go out byte for byte in the ndjson body: never parsed.
+    - Nothing here sleeps or retries (transport retries are off): the handler
       retries with capped backoff and spools meanwhile, which a blocking retry here would defeat.
 
     A document refused with 429 or 5xx, or any failure of the whole request (unreachable, timeout,
@@ -88,6 +96,7 @@ class ElasticsearchSink:
         if not data_stream or _BAD_NAME.search(data_stream):
             raise ValueError(f"not a valid data stream name: {data_stream!r}")
         self.data_stream = data_stream
+        self._action = json.dumps({"create": {"_index": data_stream}}).encode() + b"\n"
         self.rejected = 0
         self.last_rejection = ""
         self.rejections: Counter[str] = Counter()
@@ -122,9 +131,6 @@ class ElasticsearchSink:
             self._pid = os.getpid()
         return self._client
 
-    def _action(self, line: Any) -> tuple[dict[str, Any], Any]:
-        return {"create": {"_index": self.data_stream}}, line
-
     def send(self, lines: list[bytes]) -> None:
         if not lines:
             return
@@ -156,22 +162,26 @@ class ElasticsearchSink:
         """One bulk request: (the lines to retry, why, whether it was refused as too large)."""
         results: list[tuple[bool, dict[str, Any]]] = []
         reason = ""
+        action = self._action
+        body = b"".join(action + line + b"\n" for line in lines)
         try:
-            for ok, item in streaming_bulk(
-                self._client_here(),
-                lines,
-                chunk_size=len(lines),  # one request per batch (unless over max_chunk_bytes)
-                expand_action_callback=self._action,
-                raise_on_error=False,
-                raise_on_exception=False,
-                max_retries=0,
-                yield_ok=True,
-            ):
-                results.append((ok, next(iter(item.values()))))
-        # Transport errors escape the helper even with raise_on_exception=False; anything else
-        # (a proxy answering 200 with another body) must not kill the handler's thread either.
+            # The low-level request, so the REST compatibility header is ours (8) with an 8.x
+            # or a 9.x client: a 9.x client's bulk() would ask Elasticsearch 8 for 9.
+            response = self._client_here().perform_request(
+                "POST", "/_bulk", headers=BULK_HEADERS, body=body
+            )
+            for item in response.body.get("items", []):
+                info = next(iter(item.values()))
+                status = info.get("status", 500)
+                results.append((200 <= status < 300, info))
+        except ApiError as exc:  # the request refused whole: every document alike
+            info = {"status": exc.status_code, "exception": exc, "error": str(exc)}
+            results = [(False, info)] * len(lines)
+        # Transport errors (unreachable, timeout), and anything else (a proxy answering 200 with
+        # another body) must not kill the handler's thread: every line is retried.
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
+            results = []
         if (
             len(lines) > 1
             and len(results) == len(lines)

@@ -127,10 +127,13 @@ class KibanaClient:
         if content_type:
             headers["Content-Type"] = content_type
         url = connection.base + path
+        if not url.startswith(("http://", "https://")):  # never file: or another scheme
+            raise SetupError(f"Kibana URL must be http:// or https://, got {connection.url!r}")
         while True:
-            request = urllib.request.Request(url, data=body, headers=headers, method=method)
+            # http(s) only, checked above.
+            request = urllib.request.Request(url, data=body, headers=headers, method=method)  # noqa: S310
             try:
-                with urllib.request.urlopen(
+                with urllib.request.urlopen(  # noqa: S310 - http(s) only, checked above
                     request, timeout=connection.timeout, context=connection.ssl_context()
                 ) as response:
                     return json.loads(response.read() or b"null")

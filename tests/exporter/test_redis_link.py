@@ -30,6 +30,7 @@ def publish_heartbeat(url: str, options: dict, hostname: str) -> None:
         dispatcher = app.events.Dispatcher(connection, hostname=hostname)
         dispatcher.send("worker-heartbeat", active=0, processed=0, freq=2.0)
         dispatcher.close()
+    app.close()
 
 
 def options_flags(options: dict) -> list[str]:

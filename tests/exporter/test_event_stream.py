@@ -10,14 +10,13 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 from kombu import Connection
 
-from support import ExporterProcess, wait_for
+from support import ROOT, ExporterProcess, wait_for
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+sys.path.insert(0, str(ROOT / "bench"))
 import eventgen  # lives in bench/, which is not a package
 
 pytestmark = pytest.mark.broker
@@ -43,8 +42,11 @@ def probe_wire(url: str, hostname: str = PROBE) -> list:
 
 def wait_subscribed(exporter: ExporterProcess, url: str) -> None:
     """Publish probe heartbeats until one is counted: the subscription is live."""
-    publisher = eventgen.publisher_for(url)
+    with eventgen.publisher_for(url) as publisher:
+        settle(exporter, url, publisher)
 
+
+def settle(exporter: ExporterProcess, url: str, publisher: eventgen._Closing) -> None:
     def seen() -> bool:
         publisher.publish(probe_wire(url))
         return exporter.scrape().value("celery_worker_up", hostname=PROBE) == 1
@@ -81,7 +83,8 @@ def test_exact_counts_at_full_speed(broker_url, start_exporter, batch):
             heartbeat_every=100,
         )
     )
-    eventgen.publisher_for(broker_url).publish(eventgen.encode_for(broker_url, workload))
+    with eventgen.publisher_for(broker_url) as publisher:
+        publisher.publish(eventgen.encode_for(broker_url, workload))
     expected = {
         (kind,): count + before.get((kind,), 0) for kind, count in workload.expected.items()
     }
@@ -129,18 +132,18 @@ def test_amqp_queue_deleted_under_the_exporter(amqp_url, rabbit_vhost, start_exp
         channel.queue_delete(name)
     exporter.wait_value("celery_exporter_broker_reconnects_total", 1)
     exporter.wait_healthy()
-    publisher = eventgen.publisher_for(amqp_url)
 
     def heartbeats() -> float:
         return exporter.scrape().value("celery_exporter_events_total", type="worker-heartbeat")
 
     before = heartbeats()
+    with eventgen.publisher_for(amqp_url) as publisher:
 
-    def counted_again() -> bool:
-        publisher.publish(probe_wire(amqp_url))
-        return heartbeats() > before
+        def counted_again() -> bool:
+            publisher.publish(probe_wire(amqp_url))
+            return heartbeats() > before
 
-    wait_for(counted_again, 30, "events counted after the reconnect", interval=0.3)
+        wait_for(counted_again, 30, "events counted after the reconnect", interval=0.3)
 
 
 def list_queues(vhost: str) -> list[str]:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
 
 from celery_obs.exporter.metrics import BY_NAME
 
-PROMETHEUS = Path(__file__).resolve().parent.parent / "prometheus"
+from support import ROOT
+
+PROMETHEUS = ROOT / "prometheus"
 RULE_FILES = sorted((PROMETHEUS / "rules").glob("*.yml"))
 ALERT_TESTS = PROMETHEUS / "tests" / "celery-alerts.test.yml"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from support import Process, free_port, http_get, producer, wait_for
+from support import ROOT, Process, free_port, http_get, producer, wait_for
 
 pytestmark = [
     pytest.mark.broker,
@@ -24,8 +24,8 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs Debian's prometheus"),
 ]
 
-RULES = Path(__file__).resolve().parent.parent / "prometheus" / "rules"
-DASHBOARDS = Path(__file__).resolve().parent.parent / "grafana" / "dashboards"
+RULES = ROOT / "prometheus" / "rules"
+DASHBOARDS = ROOT / "grafana" / "dashboards"
 #: Grafana variables as a user who picked "All" would have them.
 VARIABLES = {
     "$__rate_interval": "1m",
@@ -74,7 +74,8 @@ class Prometheus:
     def api(self, path: str, **params: str) -> dict:
         status, body = http_get(f"{self.base}/api/v1/{path}?{urllib.parse.urlencode(params)}")
         data = json.loads(body)
-        assert status == 200 and data["status"] == "success", body
+        assert status == 200, body
+        assert data["status"] == "success", body
         return data["data"]
 
     def query(self, expr: str) -> list:

@@ -39,7 +39,8 @@ def test_kibana_objects_are_complete_and_every_reference_resolves() -> None:
     }
     for obj in objects:
         assert set(obj) >= {"type", "id", "attributes", "references"}
-        assert obj["typeMigrationVersion"] and obj["coreMigrationVersion"]
+        assert obj["typeMigrationVersion"]
+        assert obj["coreMigrationVersion"]
         assert required[obj["type"]] <= set(obj["attributes"]), obj["id"]
         for ref in obj["references"]:
             assert (ref["type"], ref["id"]) in ids, (obj["id"], ref)
@@ -70,7 +71,8 @@ def test_saved_searches_point_at_the_data_view() -> None:
     assert query("celery-retries") == 'event.action : "task-retried"'
     assert query("celery-slow-tasks") == "celery.task.runtime > 5"
     assert searches["celery-slow-tasks"]["attributes"]["sort"] == [["celery.task.runtime", "desc"]]
-    assert "log.level" in query("celery-failures") and "failure" in query("celery-failures")
+    assert "log.level" in query("celery-failures")
+    assert "failure" in query("celery-failures")
     assert searches["celery-task-story"]["attributes"]["sort"] == [["@timestamp", "asc"]]
 
 
@@ -85,7 +87,8 @@ def test_dashboard_panels_reference_their_objects() -> None:
         ref = refs[f"{panel['panelIndex']}:{panel['panelRefName']}"]
         assert ref["type"] == panel["type"]
         grid = panel["gridData"]
-        assert grid["i"] == panel["panelIndex"] and grid["x"] + grid["w"] <= 48
+        assert grid["i"] == panel["panelIndex"]
+        assert grid["x"] + grid["w"] <= 48
     kinds = {o["id"]: o["attributes"].get("visualizationType") for o in objects}
     assert {kinds[r["id"]] for r in refs.values()} == {"lnsXY", "lnsDatatable", None}
     for lens in (o for o in objects if o["type"] == "lens"):
@@ -130,7 +133,8 @@ def test_grafana_kibana_links_use_mapped_fields_and_our_data_view() -> None:
     from celery_obs.dashboards.panels import kibana_link
 
     url = kibana_link()["url"]
-    assert "/app/discover#/" in url and "language:kuery" in url
+    assert "/app/discover#/" in url
+    assert "language:kuery" in url
     query = re.search(r"query:'([^']*)'", url)
     assert query is not None
     fields = _kql_fields(query.group(1))

@@ -84,6 +84,7 @@ class ReferenceReceiver:
         self.receiver.should_stop = True
         self.thread.join(5)
         self.connection.release()
+        self.app.close()
 
 
 @pytest.fixture

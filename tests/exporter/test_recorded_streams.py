@@ -22,7 +22,9 @@ from celery_obs.exporter.events import EventDecoder
 from celery_obs.exporter.metrics import DEFAULT_BUCKETS
 from celery_obs.exporter.tracker import Tracker, TrackerView
 
-STREAMS = Path(__file__).resolve().parent / "streams"
+from support import TESTS
+
+STREAMS = TESTS / "streams"
 PATHS = sorted(STREAMS.glob("*.jsonl"))
 
 

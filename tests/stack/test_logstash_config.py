@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from pathlib import Path
 
 import pytest
 import yaml
 
 from celery_obs.setup.assets import DATA_STREAM_TYPE, DATASET, INDEX_PATTERN, LOGSTASH_PORTS
 
-ROOT = Path(__file__).resolve().parents[1]
+from support import ROOT
+
 PIPELINE = ROOT / "logstash/pipeline/celery.conf"
 
 
@@ -85,7 +85,8 @@ def test_output_writes_the_logs_celery_data_stream() -> None:
     assert es["data_stream"] == "true"
     assert (es["data_stream_type"], es["data_stream_dataset"]) == (DATA_STREAM_TYPE, DATASET)
     namespace = re.fullmatch(r"\$\{CELERY_LOGS_NAMESPACE:(\w+)\}", es["data_stream_namespace"])
-    assert namespace and namespace.group(1) == "default"
+    assert namespace
+    assert namespace.group(1) == "default"
     name = f"{es['data_stream_type']}-{es['data_stream_dataset']}-{namespace.group(1)}"
     assert fnmatch.fnmatchcase(name, INDEX_PATTERN)
     assert es["data_stream_auto_routing"] == "false"

@@ -7,6 +7,7 @@ The helpers here (`running`, `exchange`, `basic`, ...) serve the other tests/tes
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import http.client
 import re
@@ -183,10 +184,11 @@ def test_plain_http_to_the_https_port_is_refused(tls_server) -> None:
     server, _ = tls_server
     port = server.server_address[1]
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    connection.request("GET", "/metrics", headers=basic("prometheus", PASSWORD))
-    response = connection.getresponse()
-    assert response.status == 400
-    assert response.read() == b"Client sent an HTTP request to an HTTPS server.\n"
+    with contextlib.closing(connection):
+        connection.request("GET", "/metrics", headers=basic("prometheus", PASSWORD))
+        response = connection.getresponse()
+        assert response.status == 400
+        assert response.read() == b"Client sent an HTTP request to an HTTPS server.\n"
 
 
 def test_configured_headers_are_sent(tls_server) -> None:
@@ -194,10 +196,11 @@ def test_configured_headers_are_sent(tls_server) -> None:
     connection = http.client.HTTPSConnection(
         "127.0.0.1", server.server_address[1], context=client, timeout=5
     )
-    connection.request("GET", "/healthz", headers=basic("prometheus", PASSWORD))
-    response = connection.getresponse()
-    assert response.getheader("X-Content-Type-Options") == "nosniff"
-    assert response.read() == b"ok: fine\n"
+    with contextlib.closing(connection):
+        connection.request("GET", "/healthz", headers=basic("prometheus", PASSWORD))
+        response = connection.getresponse()
+        assert response.getheader("X-Content-Type-Options") == "nosniff"
+        assert response.read() == b"ok: fine\n"
 
 
 def test_healthz_reports_503_with_a_reason_and_gzip_works(registry) -> None:
@@ -206,10 +209,11 @@ def test_healthz_reports_503_with_a_reason_and_gzip_works(registry) -> None:
         status, body = http_get(f"{server.url}/healthz")
         assert (status, body) == (503, "not connected to redis://h:6379// for 3s\n")
         connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=5)
-        connection.request("GET", "/metrics", headers={"Accept-Encoding": "gzip"})
-        response = connection.getresponse()
-        assert response.getheader("Content-Encoding") == "gzip"
-        assert b"celery_test_events_total 3.0" in gzip.decompress(response.read())
+        with contextlib.closing(connection):
+            connection.request("GET", "/metrics", headers={"Accept-Encoding": "gzip"})
+            response = connection.getresponse()
+            assert response.getheader("Content-Encoding") == "gzip"
+            assert b"celery_test_events_total 3.0" in gzip.decompress(response.read())
         assert http_get(f"{server.url}/nope")[0] == 404
     finally:
         server.shutdown()
@@ -269,7 +273,8 @@ def test_exporter_cli_serves_https_with_basic_auth(tmp_path: Path, certificate) 
 
         wait_for(serving, 30, "the exporter serving HTTPS")
         status, body = http_get(f"{url}/metrics", basic("prometheus", PASSWORD), client)
-        assert status == 200 and "\ncelery_exporter_broker_connected 1\n" in body
+        assert status == 200
+        assert "\ncelery_exporter_broker_connected 1\n" in body
         assert http_get(f"{url}/metrics", basic("prometheus", "nope"), client)[0] == 401
         assert http_get(f"http://127.0.0.1:{exporter.port}/metrics") == (
             400,
@@ -348,7 +353,8 @@ def test_head_answers_every_path_with_the_get_headers_and_no_body(path: str) -> 
         get = exchange(server, f"GET {path} HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
         head = exchange(server, f"HEAD {path} HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
     assert status_of(head) == status_of(get)
-    assert head.endswith(b"\r\n\r\n") and head.count(b"\r\n\r\n") == 1  # nothing after the head
+    assert head.endswith(b"\r\n\r\n")
+    assert head.count(b"\r\n\r\n") == 1
     head_headers, get_headers = headers_of(head), headers_of(get)
     for name in ("content-length", "content-type", "vary"):
         assert head_headers.get(name) == get_headers.get(name)
@@ -379,9 +385,10 @@ def test_accept_encoding_is_negotiated_with_q_values(accept_encoding: str, gzipp
     assert wants_gzip(accept_encoding) is gzipped
     with running() as server:
         connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=5)
-        connection.request("GET", "/metrics", headers={"Accept-Encoding": accept_encoding})
-        response = connection.getresponse()
-        body = response.read()
+        with contextlib.closing(connection):
+            connection.request("GET", "/metrics", headers={"Accept-Encoding": accept_encoding})
+            response = connection.getresponse()
+            body = response.read()
     assert response.status == 200
     assert response.getheader("Vary") == "Accept-Encoding"
     assert response.getheader("Content-Encoding") == ("gzip" if gzipped else None)

@@ -85,7 +85,8 @@ def test_setup_elasticsearch_twice_updates_in_place(es, capsys) -> None:
     assert code == 0
     assert [(r.method, urllib.parse.unquote(r.path)) for r in es.requests] == EXPECTED_PATHS
     assert es.stored == first
-    assert out.count(" updated ") == 3 and " created " not in out
+    assert out.count(" updated ") == 3
+    assert " created " not in out
 
 
 def test_setup_elasticsearch_from_the_environment(es, capsys) -> None:
@@ -149,7 +150,8 @@ def test_setup_elasticsearch_failures_are_clear(behaviour, message, capsys) -> N
 def test_setup_elasticsearch_unreachable(capsys) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     code, out, err = setup_cli(capsys, "elasticsearch", "--url", url)
-    assert code == 1 and out == ""
+    assert code == 1
+    assert out == ""
     assert f"error: cannot reach Elasticsearch at {url}: " in err
     started = time.monotonic()
     code, _, err = setup_cli(capsys, "elasticsearch", "--url", url, "--wait", "1.5")
@@ -171,11 +173,13 @@ def test_setup_usage_errors(capsys, tmp_path) -> None:
     code, _, err = setup_cli(
         capsys, "elasticsearch", "--url", "http://x", "--assets", str(tmp_path)
     )
-    assert code == 2 and "expected the directories elasticsearch/ and kibana/" in err
+    assert code == 2
+    assert "expected the directories elasticsearch/ and kibana/" in err
     with pytest.raises(SystemExit):
         main(["setup", "elasticsearch", "--api-key", "k", "--user", "u"], {})
     code, _, err = setup_cli(capsys, "elasticsearch", "--url", "http://127.0.0.1:1", "--user", "u")
-    assert code == 2 and "--user needs --password" in err  # caught before any request
+    assert code == 2
+    assert "--user needs --password" in err
 
 
 def test_setup_uses_assets_from_the_environment(es, capsys, tmp_path) -> None:
@@ -257,7 +261,8 @@ def test_setup_kibana_reports_import_errors(capsys) -> None:
 def test_setup_kibana_unreachable(capsys) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     code, _, err = setup_cli(capsys, "kibana", "--url", url)
-    assert code == 1 and f"error: cannot reach Kibana at {url}: " in err
+    assert code == 1
+    assert f"error: cannot reach Kibana at {url}: " in err
 
 
 # -- live: a real Elasticsearch / Kibana, when given -----------------------------------------
@@ -274,7 +279,8 @@ def test_live_elasticsearch_setup_and_a_real_record(records, capsys) -> None:
     environ = _live_environ()
     assert setup_cli(capsys, "elasticsearch", environ=environ)[0] == 0
     code, out, _ = setup_cli(capsys, "elasticsearch", environ=environ)
-    assert code == 0 and out.count(" updated ") == 3
+    assert code == 0
+    assert out.count(" updated ") == 3
     client = make_client(
         Connection(
             url=environ["ELASTICSEARCH_URL"],
@@ -346,4 +352,5 @@ def test_live_kibana_import_twice(capsys) -> None:
         ("search", "celery-task-story"),
     ]:
         found = client.request("GET", f"/api/saved_objects/{kind}/{object_id}")
-        assert found["id"] == object_id and "error" not in found
+        assert found["id"] == object_id
+        assert "error" not in found

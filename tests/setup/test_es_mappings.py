@@ -115,7 +115,8 @@ def test_index_template_composes_ours_over_the_builtin_logs_templates() -> None:
     assert composed.index(names.COMPONENT_TEMPLATE) > composed.index("ecs@mappings")
     assert composed.index(names.COMPONENT_TEMPLATE) > composed.index("logs@settings")
     for builtin in ("logs@mappings", "logs@settings", "ecs@mappings"):
-        assert builtin in composed and builtin in template["ignore_missing_component_templates"]
+        assert builtin in composed
+        assert builtin in template["ignore_missing_component_templates"]
     assert names.COMPONENT_TEMPLATE not in template["ignore_missing_component_templates"]
     assert set(template["ignore_missing_component_templates"]) <= set(composed)
     settings = template["template"]["settings"]
@@ -125,7 +126,8 @@ def test_index_template_composes_ours_over_the_builtin_logs_templates() -> None:
 def test_ilm_policy_rolls_over_and_deletes_after_the_given_age() -> None:
     policy = ASSETS.ilm_policy("45d")["policy"]
     rollover = policy["phases"]["hot"]["actions"]["rollover"]
-    assert rollover["max_age"] == "1d" and rollover["max_primary_shard_size"] == "50gb"
+    assert rollover["max_age"] == "1d"
+    assert rollover["max_primary_shard_size"] == "50gb"
     assert policy["phases"]["delete"] == {"min_age": "45d", "actions": {"delete": {}}}
     assert ASSETS.ilm_policy()["policy"]["phases"]["delete"]["min_age"] == "30d"
     raw = (ROOT / "elasticsearch/ilm-policy.json").read_text()

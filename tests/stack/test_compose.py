@@ -32,9 +32,8 @@ import yaml
 from celery_obs.assets import ASSET_DIRS
 from celery_obs.exporter.metrics import BY_NAME
 
-from support import Process, free_port, http_get, wait_for
+from support import ROOT, Process, free_port, http_get, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 DEMO = ROOT / "compose" / "demo"
@@ -126,7 +125,8 @@ def one_shot(service: str) -> bool:
 
 def host_port(url: str) -> tuple[str, int]:
     parsed = urllib.parse.urlsplit(url)
-    assert parsed.hostname and parsed.port, url
+    assert parsed.hostname, url
+    assert parsed.port, url
     return parsed.hostname, parsed.port
 
 
@@ -422,7 +422,8 @@ def test_kibana_logs_in_as_kibana_system_with_the_password_the_setup_sets() -> N
     assert "--password" not in setup_command + " ".join(SERVICES["setup-kibana"]["command"])
     for service in ("setup-elasticsearch", "logstash", "kibana"):
         urls = [v for k, v in environment(service).items() if k.endswith(("_URL", "_HOSTS"))]
-        assert urls and all(host_port(u) == ("elasticsearch", 9200) for u in urls), service
+        assert urls, service
+        assert all(host_port(u) == ("elasticsearch", 9200) for u in urls), service
     assert host_port(environment("setup-kibana")["KIBANA_URL"]) == ("kibana", UIS["kibana"])
 
 
@@ -441,11 +442,13 @@ def test_images_are_pinned_and_elastic_versions_agree() -> None:
     }
     for name in built:
         # An image name shared by several built services breaks Compose v2's bake builds.
-        assert SERVICES[name]["build"] == "." and "image" not in SERVICES[name], name
+        assert SERVICES[name]["build"] == ".", name
+        assert "image" not in SERVICES[name], name
     images = {name: service["image"] for name, service in SERVICES.items() if name not in built}
     for name, image in images.items():
         tag = image.rsplit(":", 1)[1]
-        assert tag != "latest" and re.search(r"\d", tag), (name, image)
+        assert tag != "latest", (name, image)
+        assert re.search(r"\d", tag), (name, image)
     elastic = {images[name].rsplit(":", 1)[1] for name in ("elasticsearch", "logstash", "kibana")}
     assert elastic == {ENV["ELASTIC_VERSION"]}
 
@@ -585,7 +588,8 @@ def json_lines(output: str) -> list[dict[str, Any]]:
 
 def load_module(path: Path) -> Any:
     spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec and spec.loader
+    assert spec
+    assert spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

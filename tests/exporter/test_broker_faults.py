@@ -56,11 +56,12 @@ def proxy() -> Iterator[TcpProxy]:
 
 
 def test_a_stalled_and_cut_amqp_link_loses_nothing(
-    amqp_url: str, proxy: TcpProxy, start_exporter
+    amqp_url: str, proxy: TcpProxy, start_exporter, request: pytest.FixtureRequest
 ) -> None:
     exporter = start_exporter(proxy.url_for(amqp_url), "--no-enable-events")
     wait_subscribed(exporter, amqp_url)  # the probes go straight to RabbitMQ
     publisher = eventgen.publisher_for(amqp_url)
+    request.addfinalizer(publisher.close)
     before, during = workload(300, seed=1), workload(700, seed=2)
     publisher.publish(eventgen.encode_for(amqp_url, before))
     wait_for(lambda: task_counts(exporter) == expected_counts(before), 30, "the first part")
@@ -106,7 +107,8 @@ def test_an_exporter_restart_finds_its_queue_and_every_event_published_meanwhile
     first.wait(10)
 
     meanwhile = workload(500, seed=3)
-    eventgen.publisher_for(amqp_url).publish(eventgen.encode_for(amqp_url, meanwhile))
+    with eventgen.publisher_for(amqp_url) as publisher:
+        publisher.publish(eventgen.encode_for(amqp_url, meanwhile))
     second = start_exporter(amqp_url, *flags)
     wait_for(
         lambda: task_counts(second) == expected_counts(meanwhile),
@@ -205,6 +207,7 @@ def test_failover_and_sentinel_urls_start_and_never_show_a_password(start_export
         for process in (exporter, sentinel):
             assert process.proc.poll() is None  # running, not crashed
             output = process.output() + process.scrape().text
-            assert first not in output and second not in output
+            assert first not in output
+            assert second not in output
     finally:
         server.close()

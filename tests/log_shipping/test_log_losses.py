@@ -126,7 +126,8 @@ def test_one_record_too_large_for_the_receiver_is_refused_alone(receiver, tmp_pa
     assert numbers(receiver.records) == [i for i in range(300) if i not in huge]
     assert not [r for r in receiver.records if r["message"].startswith("huge")]
     reports = [r for r in receiver.records if r.get("event", {}).get("action")]
-    assert reports and all("HTTP 413" in r["message"] for r in reports)
+    assert reports
+    assert all("HTTP 413" in r["message"] for r in reports)
 
 
 def test_a_recursive_extra_is_shipped_with_the_cycle_marked(receiver, tmp_path) -> None:
@@ -215,7 +216,8 @@ def test_a_full_disk_and_a_full_memory_report_every_record_they_drop(receiver, s
     wait_for(accounted, 60, "records received + reported lost == records logged")
     handler.close()
     got = numbers(receiver.records)
-    assert got == sorted(got) and len(set(got)) == len(got)  # in order, never twice
+    assert got == sorted(got)
+    assert len(set(got)) == len(got)
     assert len(got) + reported(receiver.records, "log-records-dropped") == 5000
     assert 0 < reported(receiver.records, "log-records-dropped") == handler.dropped
     assert list(small_disk.rglob("*.tmp")) == []
@@ -309,7 +311,8 @@ def test_sigkill_loses_at_most_what_came_in_the_last_spill_after_seconds(
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS)])},
     )
     try:
-        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout is not None
+        assert child.stdin is not None
         assert child.stdout.readline() == "first\n"
         if sink == "down":  # the first send failed: "0" is back on disk, the sender waits
             wait_for(lambda: spooled_lines(spool) == 1, 10, "the failed batch spooled")
@@ -323,6 +326,9 @@ def test_sigkill_loses_at_most_what_came_in_the_last_spill_after_seconds(
     finally:
         child.kill()
         child.wait(10)
+        for pipe in (child.stdin, child.stdout):
+            if pipe is not None:
+                pipe.close()
     if sink == "down":
         receiver.start()
     else:

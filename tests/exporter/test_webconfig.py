@@ -166,7 +166,8 @@ def test_a_good_config_loads_as_the_toolkit_reads_it(tmp_path: Path) -> None:
         "X-XSS-Protection": "0",
     }
     assert sorted(config.basic_auth_users) == ["123", "alice", "bob"]
-    assert config.ssl_context is None and config.path == str(path)
+    assert config.ssl_context is None
+    assert config.path == str(path)
 
 
 @pytest.mark.parametrize(

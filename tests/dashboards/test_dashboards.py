@@ -13,7 +13,8 @@ from celery_obs.cli import main
 from celery_obs.dashboards import DASHBOARDS, render
 from celery_obs.exporter.metrics import BY_NAME
 
-ROOT = Path(__file__).resolve().parent.parent
+from support import ROOT
+
 COMMITTED = ROOT / "grafana" / "dashboards"
 RULES = ROOT / "prometheus" / "rules"
 
