@@ -137,3 +137,15 @@ def retry_elsewhere(self, queue):
     if self.request.retries == 0:
         raise self.retry(queue=queue, countdown=0)
     return queue
+
+
+@app.task(name="obs.wait_for")
+def wait_for_file(path, timeout=60.0):
+    """Runs until `path` exists (the test creates it), at most `timeout` seconds: a task that is
+    running for as long as the test wants, without a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(path)
+        time.sleep(0.02)
+    return path

@@ -76,14 +76,27 @@ class LabelLimiter:
         return known
 
 
-class Histogram:
-    """Per-bucket (not cumulative) counts plus sum; the collector accumulates at scrape time."""
+#: (task id, value, Unix time): the last observation of a bucket, served as its exemplar.
+Exemplar = tuple[str, float, float]
 
-    __slots__ = ("counts", "sum")
+#: Longer task ids get no exemplar: OpenMetrics allows 128 characters for an exemplar's labels,
+#: and Celery's ids are 36. Only an id chosen by hand (apply_async(task_id=...)) is longer.
+MAX_EXEMPLAR_ID = 100
+
+
+class Histogram:
+    """Per-bucket (not cumulative) counts plus sum; the collector accumulates at scrape time.
+
+    Each bucket also keeps its latest observation's task id (its exemplar): the way from a slow
+    bucket on a dashboard to that one task's logs.
+    """
+
+    __slots__ = ("counts", "exemplars", "sum")
 
     def __init__(self, nbuckets: int) -> None:
         self.counts = [0] * (nbuckets + 1)  # the last slot is +Inf
         self.sum = 0.0
+        self.exemplars: list[Exemplar | None] | None = None  # made with the first exemplar
 
 
 class TaskMetrics:
@@ -103,6 +116,12 @@ class TaskMetrics:
         self.counts: dict[str, dict[LabelKey, int]] = {
             kind: {} for kind, t in TASK_EVENTS.items() if t.counted
         }
+        #: event type -> task name -> Unix time of its latest such event (dead-man's switches).
+        self.last_at: dict[str, dict[str, float]] = {
+            "task-sent": {},
+            "task-succeeded": {},
+            "task-failed": {},
+        }
         self.runtime: dict[LabelKey, Histogram] = {}
         self.queue_wait: dict[LabelKey, Histogram] = {}
         self.latency: dict[LabelKey, Histogram] = {}
@@ -111,15 +130,29 @@ class TaskMetrics:
         counts = self.counts[kind]
         counts[key] = counts.get(key, 0) + 1
 
-    def observe(self, table: dict[LabelKey, Histogram], key: LabelKey, value: float) -> bool:
-        """Add one observation; False (nothing added) if the value is not a finite number."""
+    def observe(
+        self,
+        table: dict[LabelKey, Histogram],
+        key: LabelKey,
+        value: float,
+        task_id: str = "",
+        at: float = 0.0,
+    ) -> bool:
+        """Add one observation (of task `task_id`, made at Unix time `at`: the bucket's
+        exemplar); False (nothing added) if the value is not a finite number."""
         if not math.isfinite(value):
             return False
         hist = table.get(key)
         if hist is None:
             hist = table[key] = Histogram(len(self.buckets))
-        hist.counts[bisect_left(self.buckets, value)] += 1
+        bucket = bisect_left(self.buckets, value)
+        hist.counts[bucket] += 1
         hist.sum += value
+        if task_id and len(task_id) <= MAX_EXEMPLAR_ID:
+            exemplars = hist.exemplars
+            if exemplars is None:
+                exemplars = hist.exemplars = [None] * len(hist.counts)
+            exemplars[bucket] = (task_id, value, at)
         return True
 
     def label_overflows(self) -> dict[str, int]:

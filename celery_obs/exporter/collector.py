@@ -1,4 +1,4 @@
-"""Render the tracker's state as Prometheus text at scrape time.
+"""Render the tracker's state at scrape time, as Prometheus text 0.0.4 or as OpenMetrics.
 
 The text is written straight from the tracker's tables, with each series' name-and-labels prefix
 built once and cached: a scrape costs one pass over the state and a string join, not a Python
@@ -7,6 +7,10 @@ core at 50 task names). Each scrape first lets the tracker `tick()` (worker live
 events), then reads its typed view; down workers drop out without touching any series object,
 and counters show only label sets that happened.
 Nothing here talks to the broker: queue lengths come from the background probe's cache.
+
+OpenMetrics (what Prometheus asks for first) is the same series with its own metadata spelling
+(counter and info families without their suffix), `# EOF`, and exemplars: each histogram bucket
+carries the task id of its latest observation, the way from a slow bucket to that task's logs.
 
 `CeleryCollector` adapts the same text to a prometheus_client registry for code that wants one.
 """
@@ -20,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import metrics as m
 from .aggregates import Histogram, LabelKey
+from .occupancy import Gauges
 from .tracker import Tracker, TrackerView
 
 if TYPE_CHECKING:
@@ -27,10 +32,16 @@ if TYPE_CHECKING:
     from .queues import QueueLengths
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _escape_help(value: str) -> str:
+    """HELP text in the 0.0.4 format escapes backslash and newline (not quotes)."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n")
 
 
 def _labels(names: Sequence[str], values: Iterable[str]) -> str:
@@ -42,6 +53,21 @@ def _float(value: float) -> str:
     if math.isinf(value):
         return "+Inf" if value > 0 else "-Inf"
     return repr(float(value))  # 'nan' parses as NaN
+
+
+_LOAD_WINDOWS = ("1m", "5m", "15m")
+
+
+def _plain_id(task_id: str) -> bool:
+    """An id that every OpenMetrics parser reads back: escaped quotes, backslashes and newlines
+    are valid, but prometheus_client's parser rejects the whole exposition for them. Celery's
+    own ids are UUIDs; only a hand-chosen id has these, and it gets no exemplar."""
+    return '"' not in task_id and "\\" not in task_id and "\n" not in task_id
+
+
+def _from_zero(keys: Mapping[LabelKey, object], values: Mapping[LabelKey, int]) -> dict:
+    """`values` for every key of `keys` (0 where it has none), and its own keys too."""
+    return {**dict.fromkeys(keys, 0), **values}
 
 
 def _number(value: float) -> str:
@@ -64,25 +90,38 @@ class Exposition:
         self.status = status
         self.queue_lengths = queue_lengths
         self.version = version
-        self._headers = {
-            spec.name: f"# HELP {spec.name} {spec.help}\n# TYPE {spec.name} {spec.type}\n"
+        self._text_headers = {
+            spec.name: f"# HELP {spec.name} {_escape_help(spec.help)}\n"
+            f"# TYPE {spec.name} {spec.text_type}\n"
             for spec in m.CATALOGUE
         }
+        self._om_headers = {
+            spec.name: f"# HELP {spec.family} {_escape(spec.help)}\n"
+            f"# TYPE {spec.family} {spec.type}\n"
+            for spec in m.CATALOGUE
+        }
+        self._headers = self._text_headers
+        self._exemplars = False
         self._les = [_float(b) for b in tracker.metrics.buckets] + ["+Inf"]
         # (metric name, label values) -> the series' text up to its value; bounded by the
         # label limits, so it never outgrows the state it mirrors.
         self._prefixes: dict[str, dict[LabelKey, str]] = {}
         self._bucket_prefixes: dict[tuple[str, LabelKey], list[str]] = {}
 
-    def render(self) -> bytes:
+    def render(self, openmetrics: bool = False) -> bytes:
+        """The whole exposition: Prometheus text 0.0.4, or OpenMetrics 1.0 with exemplars."""
         out: list[str] = []
-        with self.lock:
+        with self.lock:  # the tracker's lock: also makes the format switch below private
+            self._headers = self._om_headers if openmetrics else self._text_headers
+            self._exemplars = openmetrics
             self.tracker.tick()
             view = self.tracker.view()
             self._tasks(out, view)
             self._workers(out, view)
             self._exporter(out, view)
-        self._queues(out)
+            self._queues(out)
+        if openmetrics:
+            out.append("# EOF\n")
         # Labels are cleaned where they enter (aggregates.clean_label); "replace" is the last
         # line of defence: one odd string must never cost every later scrape.
         return "".join(out).encode("utf-8", "replace")
@@ -128,9 +167,22 @@ class Exposition:
                 buckets = [f'{spec.name}_bucket{{{labels}{sep}le="{le}"}} ' for le in self._les]
                 self._bucket_prefixes[(spec.name, key)] = buckets
             cumulative = 0
-            for prefix, count in zip(buckets, hist.counts, strict=True):
-                cumulative += count
-                out.append(f"{prefix}{cumulative}\n")
+            exemplars = hist.exemplars if self._exemplars else None
+            if exemplars is None:
+                for prefix, count in zip(buckets, hist.counts, strict=True):
+                    cumulative += count
+                    out.append(f"{prefix}{cumulative}\n")
+            else:
+                for prefix, count, exemplar in zip(buckets, hist.counts, exemplars, strict=True):
+                    cumulative += count
+                    if exemplar is None or not _plain_id(exemplar[0]):
+                        out.append(f"{prefix}{cumulative}\n")
+                    else:
+                        task_id, value, at = exemplar
+                        out.append(
+                            f'{prefix}{cumulative} # {{task_id="{_escape(task_id)}"}} '
+                            f"{_float(value)} {at:.3f}\n"
+                        )
             out.append(f"{self._prefix(spec, key, '_sum')}{_float(hist.sum)}\n")
             out.append(f"{self._prefix(spec, key, '_count')}{cumulative}\n")
 
@@ -142,6 +194,35 @@ class Exposition:
         self._histogram(out, m.TASK_RUNTIME, view.runtime)
         self._histogram(out, m.TASK_QUEUE_WAIT, view.queue_wait)
         self._histogram(out, m.TASK_LATENCY, view.latency)
+        # Every (name, queue) a worker ever received shows in the running and waiting gauges,
+        # at 0 when nothing is there (graphs and sums fall to 0 instead of stopping), and in
+        # the lost counter from 0: a loss is rare, and a counter that first appears at 3 is
+        # invisible to increase(), so the first one would never alert.
+        received = view.task_counts["task-received"]
+        self._occupancy(
+            out, m.TASK_ACTIVE, m.TASK_OLDEST_ACTIVE_AGE, view.running, received, view.now
+        )
+        self._occupancy(
+            out, m.TASK_WAITING, m.TASK_OLDEST_WAITING_AGE, view.waiting, received, view.now
+        )
+        lost = view.worker_lost
+        self._series(out, m.TASK_WORKER_LOST, _from_zero(received, lost))
+        for kind, spec in m.TASK_LAST_AT.items():
+            self._series(out, spec, {(name,): at for name, at in view.last_at[kind].items()})
+
+    def _occupancy(
+        self,
+        out: list[str],
+        count_spec: m.MetricSpec,
+        age_spec: m.MetricSpec,
+        gauges: Gauges,
+        received: Mapping[LabelKey, int],
+        now: float,
+    ) -> None:
+        self._series(out, count_spec, _from_zero(received, gauges.counts))
+        # An age is never negative: a worker clock ahead of ours makes a task start "later".
+        ages = {key: max(0.0, now - since) for key, since in gauges.oldest.items()}
+        self._series(out, age_spec, ages, prune=True)
 
     def _workers(self, out: list[str], view: TrackerView) -> None:
         views = view.workers
@@ -150,8 +231,22 @@ class Exposition:
         lost = {(v.hostname,): int(v.state == "lost") for v in views}
         series(out, m.WORKER_LOST, lost, prune=True)
         series(out, m.WORKER_TASKS_ACTIVE, {(v.hostname,): v.active for v in views}, prune=True)
+        reserved = view.reserved
+        series(
+            out,
+            m.WORKER_TASKS_RESERVED,
+            {(v.hostname,): reserved.get(v.hostname, 0) if v.up else 0 for v in views},
+            prune=True,
+        )
         series(out, m.WORKER_TASKS_PROCESSED, {(v.hostname,): v.processed for v in views}, True)
         series(out, m.WORKER_LAST_HEARTBEAT, {(v.hostname,): v.last_seen for v in views}, True)
+        loads = {}
+        for v in views:
+            if v.load is not None:
+                for window, load in zip(_LOAD_WINDOWS, v.load, strict=True):
+                    loads[(v.hostname, window)] = load
+        series(out, m.WORKER_LOAD_AVERAGE, loads, prune=True)
+        series(out, m.WORKER_INFO, {(v.hostname, *v.software): 1 for v in views}, prune=True)
 
     def _exporter(self, out: list[str], view: TrackerView) -> None:
         status = self.status

@@ -147,6 +147,7 @@ What next:
     where tasks are published, for queue labels)
   - JSON logs from workers: from celery_obs import log_shipping; log_shipping.install(app)
   - Dashboards and alerts:  celery-obs assets export ./celery-obs-assets
+  - Periodic task alerts:   celery-obs rules periodic your.nightly_task=26h
   - Everything else:        the README and docs/ of celery-observability
 """
 

@@ -294,6 +294,8 @@ class EventConsumer:
         self.status.last_poll = time.monotonic()
 
     def _connected(self) -> None:
+        with self._lock:
+            self._tracker.stream_resumed()
         self.status.connected = True
         self.status.last_error = ""
         if self._sessions:
@@ -312,6 +314,8 @@ class EventConsumer:
         self.status.connected = False
         self.status.last_error = error
         if was_connected:
+            with self._lock:
+                self._tracker.stream_stopped()
             self.status.disconnected_at = time.monotonic()
             log.warning("lost the broker %s: %s; reconnecting", self.status.broker, error)
         elif not repeated:  # said once; every retry of the same failure is not news

@@ -12,6 +12,8 @@ it was sent: negatives within `skew_tolerance` are 0, larger ones are counted as
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .aggregates import Histogram, LabelKey, TaskMetrics
 from .metrics import UNKNOWN_LABEL
 from .records import ABANDONED, Delivery, TaskRecord
@@ -23,17 +25,31 @@ MAX_DURATION = 10 * 365 * 86_400.0
 
 
 class Durations:
-    def __init__(self, metrics: TaskMetrics, stats: ExporterStats, skew_tolerance: float) -> None:
+    def __init__(
+        self,
+        metrics: TaskMetrics,
+        stats: ExporterStats,
+        skew_tolerance: float,
+        on_end: Callable[[Delivery], None] = lambda delivery: None,
+    ) -> None:
         self.metrics = metrics
         self.stats = stats
         self.skew_tolerance = skew_tolerance
+        #: Told whenever a delivery ends (however it ends): it stops running or waiting.
+        self.on_end = on_end
+        #: The exporter's wall time of the event being handled (set by the task table).
+        self.wall = 0.0
         self._tables: dict[str, dict[LabelKey, Histogram]] = {
             "runtime": metrics.runtime,
             "queue_wait": metrics.queue_wait,
             "latency": metrics.latency,
         }
 
-    def observe(self, metric: str, key: LabelKey, value: float) -> None:
+    def observe(
+        self, metric: str, key: LabelKey, value: float, record: TaskRecord, at: float | None
+    ) -> None:
+        """One duration of `record`'s task, ended at `at` (its event's time): observed, with the
+        task id as the bucket's exemplar."""
         if not value < MAX_DURATION:  # also NaN and +inf
             self.stats.count_unmeasured(metric, "implausible")
             return
@@ -41,7 +57,11 @@ class Durations:
             if value < -self.skew_tolerance:
                 self.stats.count_negative(metric)
             value = 0.0
-        if not self.metrics.observe(self._tables[metric], key, value):
+        # A worker's clock ahead of ours must not stamp exemplars in the future (nor a broken
+        # one before the epoch).
+        wall = self.wall
+        at = wall if at is None or not 0 < at <= wall else at
+        if not self.metrics.observe(self._tables[metric], key, value, record.uuid, at):
             self.stats.count_unmeasured(metric, "implausible")  # -inf
 
     @staticmethod
@@ -76,12 +96,15 @@ class Durations:
             return
         if eta is not None and eta > due:  # an ETA/countdown is a wait the caller asked for
             due = eta
-        self.observe("queue_wait", self.key(record, delivery.retries), delivery.started - due)
+        key, started = self.key(record, delivery.retries), delivery.started
+        self.observe("queue_wait", key, started - due, record, started)
 
     # -- ends -----------------------------------------------------------------------------------
 
     def close(self, record: TaskRecord, delivery: Delivery, end: str) -> None:
         delivery.end = end
+        if delivery.place:  # still shown running or waiting
+            self.on_end(delivery)
         if delivery.wait_pending:  # no task-sent came while it ran: wait from its receipt
             self.wait(record, delivery)
 
@@ -104,7 +127,7 @@ class Durations:
             runtime = self._runtime_of(delivery, ts)
         if runtime is not None:
             outcome = "succeeded" if kind == "task-succeeded" else "failed"
-            self.observe("runtime", (*self.key(record, retries), outcome), runtime)
+            self.observe("runtime", (*self.key(record, retries), outcome), runtime, record, ts)
         self.latency(record, ts, retries)
 
     def no_runtime(self, reason: str) -> None:
@@ -144,4 +167,4 @@ class Durations:
             return
         if eta is not None and eta > start:
             start = eta
-        self.observe("latency", self.key(record, retries), ts - start)
+        self.observe("latency", self.key(record, retries), ts - start, record, ts)

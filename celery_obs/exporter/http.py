@@ -14,6 +14,7 @@ A plain-HTTP request to the HTTPS port gets a 400 saying so, as Go's servers ans
 
 from __future__ import annotations
 
+import functools
 import logging
 import selectors
 import socket
@@ -36,6 +37,7 @@ from .httpwire import (
     remaining,
     send_all,
     wants_gzip,
+    wants_openmetrics,
 )
 from .singleflight import Rendered, SingleFlight
 from .webconfig import WebConfig, WebConfigWatcher
@@ -43,8 +45,8 @@ from .webconfig import WebConfig, WebConfigWatcher
 log = logging.getLogger(__name__)
 
 HealthCheck = Callable[[], tuple[bool, str]]
-#: Produces the /metrics body and its content type.
-Render = Callable[[], tuple[bytes, str]]
+#: Produces the /metrics body and its content type: OpenMetrics if asked (True), else text 0.0.4.
+Render = Callable[[bool], tuple[bytes, str]]
 
 _TEXT = "text/plain; charset=utf-8"
 _PLAIN_HTTP_TO_HTTPS = (
@@ -189,11 +191,11 @@ class _Connection:
         path = target.split("?", 1)[0]
         if path == "/metrics":
             try:
-                rendered = server.rendering()
+                rendered = server.renderings[wants_openmetrics(request.headers.get("accept"))]()
             except Exception:
                 log.exception("rendering /metrics failed")
                 return 500, b"Rendering the metrics failed; see the exporter's log\n", _TEXT, {}
-            extra = {"Vary": "Accept-Encoding"}
+            extra = {"Vary": "Accept, Accept-Encoding"}
             if wants_gzip(request.headers.get("accept-encoding")):
                 extra["Content-Encoding"] = "gzip"
                 return 200, rendered.gzipped(), rendered.content_type, extra
@@ -251,6 +253,10 @@ class _Connection:
         linger(self.sock, self.clock)
 
 
+def _rendered(render: Render, openmetrics: bool) -> Rendered:
+    return Rendered(*render(openmetrics))
+
+
 class MetricsServer:
     """The HTTP(S) endpoint. `render` makes the /metrics body; `health` answers /healthz."""
 
@@ -286,7 +292,11 @@ class MetricsServer:
         self.render = render
         self.health = health
         self.clock = clock
-        self.rendering: SingleFlight[Rendered] = SingleFlight(lambda: Rendered(*render()))
+        #: One shared rendering per format in flight: OpenMetrics (True) and text (False).
+        self.renderings: dict[bool, SingleFlight[Rendered]] = {
+            openmetrics: SingleFlight(functools.partial(_rendered, render, openmetrics))
+            for openmetrics in (False, True)
+        }
         self.watcher = WebConfigWatcher(
             web_config or WebConfig(), interval=reload_interval, clock=clock
         )

@@ -1,5 +1,6 @@
 """HTTP/1.x on a socket, with every cost bounded: request heads parsed strictly, writes and
-lingering closes under deadlines, Accept-Encoding negotiated by q-values (RFC 9110, 9112)."""
+lingering closes under deadlines, Accept and Accept-Encoding negotiated by q-values (RFC 9110,
+9112)."""
 
 from __future__ import annotations
 
@@ -104,24 +105,56 @@ def linger(sock: socket.socket, clock: Callable[[], float]) -> None:
         pass
 
 
+def _entries(header: str | None) -> list[tuple[str, float, dict[str, str]]]:
+    """An Accept-style header as (item, q, other parameters) per listing (RFC 9110 12.4.2: an
+    unparsable q-value counts as 0)."""
+    entries = []
+    for entry in (header or "").split(","):
+        item, *params = entry.split(";")
+        item = item.strip().lower()
+        if not item:
+            continue
+        weight, other = 1.0, {}
+        for param in params:
+            name, _, value = param.partition("=")
+            name, value = name.strip().lower(), value.strip().strip('"')
+            if name == "q":
+                weight = float(value) if _Q_VALUE.fullmatch(value) else 0.0
+            else:
+                other[name] = value
+        entries.append((item, weight, other))
+    return entries
+
+
 def wants_gzip(accept_encoding: str | None) -> bool:
     """Whether this Accept-Encoding prefers gzip to identity (RFC 9110 12.5.3: q-values, `*`,
     `identity`; an unparsable q-value counts as 0, ties go to gzip)."""
     weights: dict[str, float] = {}
-    for item in (accept_encoding or "").split(","):
-        coding, *params = item.split(";")
-        coding = coding.strip().lower()
-        if not coding or coding in weights:
-            continue
-        weight = 1.0
-        for param in params:
-            name, _, value = param.partition("=")
-            if name.strip().lower() == "q":
-                value = value.strip()
-                weight = float(value) if _Q_VALUE.fullmatch(value) else 0.0
-        weights[coding] = weight
+    for coding, q, _ in _entries(accept_encoding):
+        weights.setdefault(coding, q)  # the first listing of a coding counts
     star = weights.get("*")
     gzip_q = weights.get("gzip", weights.get("x-gzip", star or 0.0))
     # Unlisted, identity stays acceptable but comes after any coding the client did list.
     identity_q = weights.get("identity", 0.001 if star is None else star)
     return gzip_q > 0 and gzip_q >= identity_q
+
+
+#: The versions of each format our exposition satisfies ("" = the client did not say).
+_OPENMETRICS_VERSIONS = frozenset({"", "1.0.0", "0.0.1"})
+_TEXT_VERSIONS = frozenset({"", "0.0.4"})
+
+
+def wants_openmetrics(accept: str | None) -> bool:
+    """Whether this Accept prefers OpenMetrics text (a version we write) to the Prometheus text
+    format 0.0.4, the default: no Accept, `*/*`, ties, or nothing we write asked for."""
+    openmetrics_q, text_q, fallback_q = 0.0, 0.0, 0.0
+    for item, q, params in _entries(accept):
+        version = params.get("version", "")
+        if item == "application/openmetrics-text" and version in _OPENMETRICS_VERSIONS:
+            openmetrics_q = max(openmetrics_q, q)
+        elif item == "text/plain" and version in _TEXT_VERSIONS:
+            text_q = max(text_q, q)
+        elif item in ("text/*", "*/*"):
+            fallback_q = max(fallback_q, q)
+    # `*/*` or `text/*` accepts the text format at that weight too.
+    return openmetrics_q > 0 and openmetrics_q > max(text_q, fallback_q)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-MetricType = Literal["counter", "gauge", "histogram"]
+MetricType = Literal["counter", "gauge", "histogram", "info"]
 
 #: Default histogram buckets (seconds). Celery tasks range from milliseconds to hours (reports,
 #: ETL, long-running exports), so the buckets reach 4 h instead of prometheus_client's 10 s.
@@ -37,10 +37,18 @@ class MetricSpec:
 
     @property
     def family(self) -> str:
-        """Name as prometheus_client metric families want it (counters without `_total`)."""
+        """Name of the metric family as OpenMetrics and prometheus_client spell it: counters
+        without `_total`, info metrics without `_info`."""
         if self.type == "counter" and self.name.endswith("_total"):
             return self.name[: -len("_total")]
+        if self.type == "info" and self.name.endswith("_info"):
+            return self.name[: -len("_info")]
         return self.name
+
+    @property
+    def text_type(self) -> str:
+        """Its type in the Prometheus text format 0.0.4, which has no info type."""
+        return "gauge" if self.type == "info" else self.type
 
 
 TASK_LABELS = ("name", "queue_name")
@@ -119,6 +127,66 @@ TASK_LATENCY = MetricSpec(
     TASK_LABELS,
 )
 
+TASK_ACTIVE = MetricSpec(
+    "celery_task_active",
+    "gauge",
+    "Tasks started by a worker and not finished, now. A lost worker's tasks stop counting when "
+    "it is declared lost (celery_task_worker_lost_total).",
+    TASK_LABELS,
+)
+TASK_OLDEST_ACTIVE_AGE = MetricSpec(
+    "celery_task_oldest_active_age_seconds",
+    "gauge",
+    "Age of the longest-running task now: scrape time minus its task-started (the worker's "
+    "clock). Absent while none runs.",
+    TASK_LABELS,
+)
+TASK_WAITING = MetricSpec(
+    "celery_task_waiting",
+    "gauge",
+    "Tasks received by a worker (prefetched, reserved) and not started, now; ETA/countdown "
+    "tasks count from their ETA on.",
+    TASK_LABELS,
+)
+TASK_OLDEST_WAITING_AGE = MetricSpec(
+    "celery_task_oldest_waiting_age_seconds",
+    "gauge",
+    "Age of the task waiting longest on a worker now: scrape time minus its task-received, or "
+    "its ETA when later. Absent while none waits.",
+    TASK_LABELS,
+)
+TASK_WORKER_LOST = MetricSpec(
+    "celery_task_worker_lost_total",
+    "counter",
+    "Tasks running or waiting on a worker when it was declared lost or started again without "
+    "a worker-offline: they died with it, or will be delivered again (acks_late, Redis' "
+    "visibility timeout).",
+    TASK_LABELS,
+)
+
+#: Task event type -> the "when did it last happen" gauge of each task name.
+TASK_LAST_AT: dict[str, MetricSpec] = {
+    "task-sent": MetricSpec(
+        "celery_task_last_sent_timestamp_seconds",
+        "gauge",
+        "Unix time of the task name's latest task-sent (the event's time, never later than the "
+        "exporter's clock). Kept for every name under --max-task-names.",
+        ("name",),
+    ),
+    "task-succeeded": MetricSpec(
+        "celery_task_last_succeeded_timestamp_seconds",
+        "gauge",
+        "Unix time of the task name's latest success: the dead-man's switch of periodic tasks.",
+        ("name",),
+    ),
+    "task-failed": MetricSpec(
+        "celery_task_last_failed_timestamp_seconds",
+        "gauge",
+        "Unix time of the task name's latest failure.",
+        ("name",),
+    ),
+}
+
 WORKER_UP = MetricSpec(
     "celery_worker_up",
     "gauge",
@@ -145,11 +213,31 @@ WORKER_TASKS_PROCESSED = MetricSpec(
     "Tasks the worker has processed since it started, from its last heartbeat.",
     ("hostname",),
 )
+WORKER_TASKS_RESERVED = MetricSpec(
+    "celery_worker_tasks_reserved",
+    "gauge",
+    "Tasks the worker has received and not started (prefetched; ETA tasks once due), from the "
+    "task events.",
+    ("hostname",),
+)
 WORKER_LAST_HEARTBEAT = MetricSpec(
     "celery_worker_last_heartbeat_timestamp_seconds",
     "gauge",
     "Unix time at which the exporter received the worker's last event.",
     ("hostname",),
+)
+WORKER_LOAD_AVERAGE = MetricSpec(
+    "celery_worker_load_average",
+    "gauge",
+    "The worker host's load average over the window (1m, 5m, 15m), from its last heartbeat; "
+    "absent while the worker is down.",
+    ("hostname", "window"),
+)
+WORKER_INFO = MetricSpec(
+    "celery_worker_info",
+    "info",
+    "Always 1; labels say what the worker runs (sw_ident, sw_ver: the Celery version, sw_sys).",
+    ("hostname", "sw_ident", "sw_ver", "sw_sys"),
 )
 
 QUEUE_LENGTH = MetricSpec(
@@ -257,7 +345,7 @@ EXPORTER_EVENT_READER = MetricSpec(
 )
 EXPORTER_BUILD_INFO = MetricSpec(
     "celery_exporter_build_info",
-    "gauge",
+    "info",
     "Always 1; labels say which exporter is running.",
     ("version",),
 )
@@ -267,11 +355,20 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     TASK_RUNTIME,
     TASK_QUEUE_WAIT,
     TASK_LATENCY,
+    TASK_ACTIVE,
+    TASK_OLDEST_ACTIVE_AGE,
+    TASK_WAITING,
+    TASK_OLDEST_WAITING_AGE,
+    TASK_WORKER_LOST,
+    *TASK_LAST_AT.values(),
     WORKER_UP,
     WORKER_LOST,
     WORKER_TASKS_ACTIVE,
+    WORKER_TASKS_RESERVED,
     WORKER_TASKS_PROCESSED,
     WORKER_LAST_HEARTBEAT,
+    WORKER_LOAD_AVERAGE,
+    WORKER_INFO,
     QUEUE_LENGTH,
     EXPORTER_EVENTS,
     EXPORTER_MALFORMED,

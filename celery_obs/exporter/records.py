@@ -46,7 +46,17 @@ class Send:
 class Delivery:
     """One task-received: the task handed to a worker, and what that worker did with it."""
 
-    __slots__ = ("end", "eta", "host", "received", "retries", "started", "wait_pending")
+    __slots__ = (
+        "end",
+        "eta",
+        "host",
+        "place",
+        "received",
+        "retries",
+        "since",
+        "started",
+        "wait_pending",
+    )
 
     def __init__(self, host: object, received: float | None, retries: int, eta: float | None):
         self.host = host
@@ -58,6 +68,9 @@ class Delivery:
         self.end = ""
         #: Started, but its attempt's task-sent (the start of the wait) has not arrived yet.
         self.wait_pending = False
+        #: Where `occupancy` counts it (scheduled, waiting, running or nowhere), and since when.
+        self.place = 0
+        self.since = 0.0
 
     @property
     def open(self) -> bool:
@@ -76,9 +89,12 @@ class TaskRecord:
         "queue",
         "ran",
         "sends",
+        "uuid",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, uuid: str = "") -> None:
+        #: The task id (the table's key, the same string): exemplars name it.
+        self.uuid = uuid
         self.name: str | None = None
         #: The queue of the latest send (a retry may go to another queue).
         self.queue: str | None = None

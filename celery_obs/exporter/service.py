@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from kombu import Connection
 
-from .collector import CONTENT_TYPE, Exposition
+from .collector import CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE, Exposition
 from .config import ExporterConfig, parse_listen_address
 from .consumer import BrokerStatus, EventConsumer, default_queue_name
 from .control import WorkerControl
@@ -85,8 +85,9 @@ class Exporter:
         )
         self.server = MetricsServer(address, self._render, self.status.health, web_config)
 
-    def _render(self) -> tuple[bytes, str]:
-        return self.exposition.render(), CONTENT_TYPE
+    def _render(self, openmetrics: bool) -> tuple[bytes, str]:
+        body = self.exposition.render(openmetrics)
+        return body, OPENMETRICS_CONTENT_TYPE if openmetrics else CONTENT_TYPE
 
     def connect(self, heartbeat: int = 10) -> Connection:
         url = self.config.broker_url

@@ -28,14 +28,26 @@ from collections.abc import Callable
 from typing import Any
 
 from . import fields
-from .aggregates import LabelKey, TaskMetrics
+from .aggregates import MAX_LABEL_LENGTH, LabelKey, TaskMetrics, clean_label
 from .durations import Durations
 from .metrics import UNKNOWN_LABEL
+from .occupancy import Occupancy
 from .records import MAX_FINGERPRINTS, Delivery, Send, TaskRecord
 from .selfstats import ExporterStats
 from .vocabulary import TASK_EVENTS
 
 Event = dict[str, Any]
+
+
+def _host(hostname: object) -> str | None:
+    """The sender as the worker table labels it (cut, valid UTF-8), so that what a worker held
+    is found by the name its worker-offline or lost state comes with; None if unusable."""
+    if type(hostname) is not str:
+        return None
+    if len(hostname) <= MAX_LABEL_LENGTH and hostname.isascii():
+        return hostname
+    return clean_label(hostname)[0]
+
 
 #: Producers are taken not to send task-sent events after this long without one.
 SENT_EVENTS_ABSENT_AFTER = 300.0
@@ -71,7 +83,8 @@ class TaskTable:
     ) -> None:
         self.metrics = metrics
         self.stats = stats
-        self.durations = Durations(metrics, stats, skew_tolerance)
+        self.occupancy = Occupancy()
+        self.durations = Durations(metrics, stats, skew_tolerance, self.occupancy.ended)
         self.max_tracked = max_tracked
         self.max_finished = max_finished
         self.sent_grace = sent_grace
@@ -83,14 +96,18 @@ class TaskTable:
         self.last_sent_at = now
         #: Monotonic time of the event being handled (or of the last tick).
         self.now = now
+        #: Wall time of the same: ETAs, ages and the last-seen timestamps are wall times.
+        self.wall = 0.0
         #: Queue names seen in task-sent events, for the queue length probe.
         self.seen_queues: set[str] = set()
 
     # -- entry points -------------------------------------------------------------------------
 
-    def handle(self, kind: str, event: Event, now: float) -> None:
-        """Count and measure one task event (`kind` is a key of vocabulary.TASK_EVENTS)."""
+    def handle(self, kind: str, event: Event, now: float, wall: float) -> None:
+        """Count and measure one task event (`kind` is a key of vocabulary.TASK_EVENTS), handled
+        at monotonic time `now` and wall time `wall`."""
         self.now = now
+        self.wall = self.durations.wall = wall
         if self.waiting:
             self.tick(now)
         if kind == "task-sent":
@@ -106,9 +123,13 @@ class TaskTable:
             if (record is not None and record.queue is not None) or not self._park(event, now):
                 self._apply(kind, event)
 
-    def tick(self, now: float) -> None:
-        """Count parked events whose task-sent did not come within the grace period."""
+    def tick(self, now: float, wall: float | None = None) -> None:
+        """Count parked events whose task-sent did not come within the grace period; with the
+        wall time, also let deliveries whose ETA has come start waiting."""
         self.now = now
+        if wall is not None:
+            self.wall = self.durations.wall = wall  # for the parked events replayed below
+            self.occupancy.tick(wall)
         while self.waiting:
             uuid, (deadline, record) = next(iter(self.waiting.items()))
             # Also bounded by count, not only by the event rate times the grace period.
@@ -167,17 +188,21 @@ class TaskTable:
     # -- records ------------------------------------------------------------------------------
 
     def _new_record(self, uuid: str) -> TaskRecord:
-        record = self.inflight[uuid] = TaskRecord()
+        record = self.inflight[uuid] = TaskRecord(uuid)
         if len(self.inflight) > self.max_tracked:
             _, evicted = self.inflight.popitem(last=False)
             self.stats.tasks_evicted += 1
             for delivery in evicted.deliveries:
+                self.occupancy.ended(delivery)  # forgotten: no longer shown running or waiting
                 if delivery.wait_pending:  # it will never be measured now
                     self.stats.count_unmeasured("queue_wait", "evicted")
         return record
 
     def _finish(self, uuid: str, record: TaskRecord) -> None:
         record.final = True
+        for delivery in record.deliveries:  # whatever event of them was lost, none runs now
+            if delivery.place:
+                self.occupancy.ended(delivery)
         if self.inflight.pop(uuid, None) is not None:
             self.finished[uuid] = record
             if len(self.finished) > self.max_finished:
@@ -212,14 +237,14 @@ class TaskTable:
         if not isinstance(uuid, str) or not uuid:
             self.stats.count_malformed("missing_uuid")
             return
-        ts_field, host, retries = event.get("timestamp"), event.get("hostname"), None
+        ts_field, host, retries = event.get("timestamp"), _host(event.get("hostname")), None
         if kind in _NUMBERED:
             retries = fields.attempt(event.get("retries"))
         fingerprint = hash(
             (
                 kind,
                 ts_field if type(ts_field) in _NUMBERS else None,
-                host if type(host) is str else None,
+                host,
                 retries,
             )
         )
@@ -234,6 +259,7 @@ class TaskTable:
         name = event.get("name")
         if isinstance(name, str) and name:
             record.name = self.metrics.task_names(name)
+        ts = fields.timestamp(ts_field)
 
         # Place before counting: the event is labelled with the queue of its own attempt.
         delivery: Delivery | None = None
@@ -257,10 +283,18 @@ class TaskTable:
                 key = self._failure_key(record, event, key)
             counts = self.metrics.counts[kind]
             counts[key] = counts.get(key, 0) + 1
+            last_at = self.metrics.last_at.get(kind)
+            if last_at is not None:
+                # The event's time, never later than ours (a worker clock ahead must not hide
+                # a dead-man's switch), never going back (a late event of an older run).
+                wall = self.wall
+                at = wall if ts is None or ts > wall else ts
+                if at > last_at.get(key[0], 0.0):
+                    last_at[key[0]] = at
         if kind in _FINAL and not (kind == "task-rejected" and event.get("requeue")):
             # Before measuring: a bad field in the measurement must not leave it in flight.
             self._finish(uuid, record)
-        self._measure(kind, record, event, delivery, retries, fields.timestamp(ts_field))
+        self._measure(kind, record, event, delivery, retries, ts)
 
     def _failure_key(self, record: TaskRecord, event: Event, key: LabelKey) -> LabelKey:
         exception = event.get("exception")
@@ -293,13 +327,17 @@ class TaskTable:
                 self.stats.count_unmeasured("queue_wait", "unplaced")
             else:
                 durations.started(record, delivery, ts, self.sends_expected)
+                self.occupancy.started(record, delivery, self.wall)
         elif kind in ("task-succeeded", "task-failed"):
             self._outcome(kind, record, event, delivery, ts)
         elif delivery is not None and not (kind == "task-rejected" and event.get("requeue")):
-            # Retried, revoked, rejected and cancelled end their delivery. A requeued reject
-            # does not: a hard time limit under acks_late sends it *before* the task-failed of
-            # the same run, and a redelivery closes the delivery anyway (_received).
+            # Retried, revoked, rejected and cancelled end their delivery.
             durations.close(record, delivery, kind)
+        elif delivery is not None:
+            # A requeued reject does not end its delivery for measuring (a hard time limit
+            # under acks_late sends it *before* the task-failed of the same run, and a
+            # redelivery closes it anyway: _received), but the task runs no more.
+            self.occupancy.ended(delivery)
 
     def _sent(self, record: TaskRecord, event: Event, retries: int, ts: float | None) -> None:
         send = Send(retries, ts, fields.parse_eta(event.get("eta")), record.queue)
@@ -325,9 +363,11 @@ class TaskTable:
         for delivery in record.deliveries:
             if delivery.retries == retries:
                 self.durations.abandon(record, delivery)
-        new = Delivery(event.get("hostname"), ts, retries, fields.parse_eta(event.get("eta")))
+        host = _host(event.get("hostname"))
+        new = Delivery(host, ts, retries, fields.parse_eta(event.get("eta")))
         for dropped in record.add_delivery(new):
             self.durations.abandon(record, dropped)
+        self.occupancy.received(record, new, self.wall)
 
     def _outcome(
         self,
@@ -338,7 +378,7 @@ class TaskTable:
         ts: float | None,
     ) -> None:
         durations = self.durations
-        host = event.get("hostname")
+        host = _host(event.get("hostname"))
         if delivery is None:
             delivery = record.first_open(host)  # an outcome before its start was seen
         if delivery is None:

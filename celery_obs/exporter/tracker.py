@@ -19,6 +19,7 @@ from typing import Any
 
 from .aggregates import Histogram, LabelKey, LabelLimiter, TaskMetrics
 from .config import Limits
+from .occupancy import Gauges
 from .selfstats import ExporterStats
 from .tasks import TaskTable
 from .vocabulary import KNOWN_EVENT_TYPES, TASK_EVENTS
@@ -36,6 +37,17 @@ class TrackerView:
     runtime: Mapping[LabelKey, Histogram]
     queue_wait: Mapping[LabelKey, Histogram]
     latency: Mapping[LabelKey, Histogram]
+    #: Task name -> Unix time of its latest task-sent / task-succeeded / task-failed.
+    last_at: Mapping[str, Mapping[str, float]]
+    #: Per (name, queue_name): tasks running now, and tasks received but not started (due).
+    running: Gauges
+    waiting: Gauges
+    #: Per hostname (as the events say it): tasks waiting to start there.
+    reserved: Mapping[object, int]
+    #: Per (name, queue_name): tasks held by a worker when it was lost or restarted.
+    worker_lost: Mapping[LabelKey, int]
+    #: The wall time the ages above are measured at (the last tick).
+    now: float
     workers: Sequence[WorkerView]
     events_by_type: Mapping[str, int]
     malformed: Mapping[str, int]
@@ -86,12 +98,14 @@ class Tracker:
             limits.max_workers,
             limits.worker_timeout,
             limits.worker_retention,
+            listener=self.tasks.occupancy,
         )
         self._worker_handlers: dict[str, Callable[[Event], Any]] = {
             "worker-online": self.workers.on_online,
-            "worker-heartbeat": self.workers.on_online,
+            "worker-heartbeat": self.workers.on_heartbeat,
             "worker-offline": self.workers.on_offline,
         }
+        self._ticked_at = 0.0
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -109,7 +123,7 @@ class Tracker:
             stats.last_event_at = wall
             try:
                 if kind in TASK_EVENTS:
-                    tasks.handle(kind, event, now)
+                    tasks.handle(kind, event, now, wall)
                 elif (handler := worker_handlers.get(kind)) is not None:
                     handler(event)
             except Exception:
@@ -120,10 +134,20 @@ class Tracker:
     def count_malformed(self, reason: str) -> None:
         self.stats.count_malformed(reason)
 
+    def stream_stopped(self) -> None:
+        """The event stream stopped (the broker connection was lost): until it flows again,
+        silence says nothing about the workers, so their liveness stands still."""
+        self.workers.pause(self.monotonic())
+
+    def stream_resumed(self) -> None:
+        self.workers.resume(self.monotonic())
+
     def tick(self, now: float | None = None) -> None:
-        """Let time pass: release parked events whose grace is over, work out worker liveness."""
+        """Let time pass: release parked events whose grace is over, let tasks whose ETA came
+        start waiting, work out worker liveness (a lost worker's tasks stop running)."""
         now = self.monotonic() if now is None else now
-        self.tasks.tick(now)
+        self._ticked_at = self.clock()
+        self.tasks.tick(now, self._ticked_at)
         self.workers.tick(now)
 
     # -- reading ------------------------------------------------------------------------------
@@ -139,12 +163,19 @@ class Tracker:
         overflows["type"] = self.event_types.overflow
         truncations = metrics.label_truncations()
         truncations["hostname"] = stats.hostnames_truncated
+        occupancy = self.tasks.occupancy
         return TrackerView(
             buckets=metrics.buckets,
             task_counts=metrics.counts,
             runtime=metrics.runtime,
             queue_wait=metrics.queue_wait,
             latency=metrics.latency,
+            last_at=metrics.last_at,
+            running=occupancy.gauges(occupancy.running),
+            waiting=occupancy.gauges(occupancy.waiting),
+            reserved=occupancy.waiting_by_host(),
+            worker_lost=occupancy.lost,
+            now=self._ticked_at,
             workers=self.workers.views,
             events_by_type=stats.events_by_type,
             malformed=stats.malformed,

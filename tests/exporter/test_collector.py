@@ -124,8 +124,9 @@ def test_every_catalogue_metric_is_exposed_with_its_type_and_help(parts) -> None
     _, _, registry = parts
     families = {family.name: family for family in registry.collect()}
     for spec in m.CATALOGUE:
-        family = families[spec.family]
-        assert (family.type, family.documentation) == (spec.type, spec.help), spec.name
+        # The text format has no info type: an info metric is a gauge under its full name.
+        family = families[spec.name if spec.type == "info" else spec.family]
+        assert (family.type, family.documentation) == (spec.text_type, spec.help), spec.name
 
 
 def test_catalogue_names_follow_prometheus_conventions() -> None:
@@ -199,3 +200,178 @@ def test_counts_no_heartbeat_could_mean_are_not_believed(parts) -> None:
     assert (
         registry.get_sample_value("celery_worker_tasks_processed_total", {"hostname": "w@h"}) == 9
     )
+
+
+# -- OpenMetrics, exemplars, and what runs now ----------------------------------------------------
+
+
+def openmetrics_families(exposition: Exposition) -> dict:
+    """Parsed by prometheus_client's OpenMetrics parser, which is strict: a malformed line, a
+    missing `# EOF`, a bad exemplar or a sample of the wrong family is an error."""
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    text = exposition.render(openmetrics=True).decode()
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+@pytest.fixture
+def exposition(parts) -> Exposition:
+    tracker, lengths, _ = parts
+    return Exposition(tracker, threading.Lock(), BrokerStatus(), lengths, "1.2.3")
+
+
+def lifecycle(uuid: str, runtime: float, end: float) -> list[dict]:
+    return [
+        sent(uuid, ts=end - runtime - 1),
+        received(uuid, ts=end - runtime - 1),
+        ev("task-started", uuid, end - runtime),
+        ev("task-succeeded", uuid, end, runtime=runtime),
+    ]
+
+
+def test_openmetrics_has_every_family_with_its_type_and_help(parts, exposition) -> None:
+    tracker, _, _ = parts
+    tracker.handle_all([*lifecycle("t1", 0.3, 990.0), heartbeat_event()])
+    families = openmetrics_families(exposition)
+    for spec in m.CATALOGUE:
+        family = families[spec.family]
+        assert (family.type, family.documentation) == (spec.type, spec.help), spec.name
+
+
+def heartbeat_event(**fields: object) -> dict:
+    return {
+        "type": "worker-heartbeat",
+        "hostname": "w@h",
+        "loadavg": [1.5, 0.75, 0.25],
+        "sw_ident": "py-celery",
+        "sw_ver": "5.5.3",
+        "sw_sys": "Linux",
+        **fields,
+    }
+
+
+def test_histogram_buckets_carry_their_latest_task_id_as_exemplar(parts, exposition) -> None:
+    tracker, _, _ = parts
+    tracker.handle_all(
+        [
+            *lifecycle("fast", 0.3, 990.0),
+            *lifecycle("faster", 0.4, 991.5),
+            *lifecycle("slow", 20.0, 995.0),
+        ]
+    )
+    families = openmetrics_families(exposition)
+    exemplars = {
+        (sample.labels["outcome"], sample.labels["le"]): (
+            sample.exemplar.labels,
+            sample.exemplar.value,
+            float(sample.exemplar.timestamp),
+        )
+        for sample in families["celery_task_runtime_seconds"].samples
+        if sample.exemplar is not None
+    }
+    assert exemplars == {
+        ("succeeded", "0.5"): ({"task_id": "faster"}, 0.4, 991.5),
+        ("succeeded", "30.0"): ({"task_id": "slow"}, 20.0, 995.0),
+    }
+    waits = [
+        s.exemplar.labels["task_id"]
+        for s in families["celery_task_queue_wait_seconds"].samples
+        if s.exemplar is not None
+    ]
+    assert waits == ["slow"]  # all three waited 1 s: the latest is the bucket's exemplar
+    # The text format stays as it was: no exemplars, no # EOF.
+    text = exposition.render().decode()
+    assert " # {" not in text
+    assert "# EOF" not in text
+    assert exposition.render(openmetrics=True).decode().endswith("\n# EOF\n")
+
+
+@pytest.mark.parametrize(
+    ("task_id", "exemplar"),
+    [
+        ("id with spaces, ünïcödé and {braces}", True),
+        ('id with "quotes"', False),
+        ("id with a \\ backslash", False),
+        ("id with a\nnewline", False),
+        ("lone \ud800 surrogate", True),
+    ],
+)
+def test_odd_task_ids_never_break_the_exposition(parts, exposition, task_id, exemplar) -> None:
+    tracker, _, _ = parts
+    tracker.handle_all(lifecycle(task_id, 0.3, 990.0))
+    families = openmetrics_families(exposition)
+    ids = [
+        s.exemplar.labels["task_id"]
+        for s in families["celery_task_runtime_seconds"].samples
+        if s.exemplar is not None
+    ]
+    assert len(ids) == int(exemplar)
+
+
+def test_running_and_waiting_series_fall_to_zero_and_ages_disappear(parts, clock) -> None:
+    tracker, _, registry = parts
+    get = registry.get_sample_value
+    task = {"name": "app.add", "queue_name": "q1"}
+    tracker.handle_all(
+        [
+            sent("a", ts=990.0),
+            received("a", ts=990.0),
+            ev("task-started", "a", 995.0),
+            sent("b", ts=998.0),
+            received("b", ts=998.0),
+        ]
+    )
+    assert get("celery_task_active", task) == 1
+    assert get("celery_task_oldest_active_age_seconds", task) == 5.0
+    assert get("celery_task_waiting", task) == 1
+    assert get("celery_task_oldest_waiting_age_seconds", task) == 2.0
+    assert get("celery_worker_tasks_reserved", {"hostname": "w@h"}) is None  # no worker event yet
+    tracker.handle(heartbeat_event())
+    assert get("celery_worker_tasks_reserved", {"hostname": "w@h"}) == 1
+    clock.advance(10)
+    assert get("celery_task_oldest_active_age_seconds", task) == 15.0
+    tracker.handle_all(
+        [
+            ev("task-succeeded", "a", 1_010.0, runtime=15.0),
+            ev("task-started", "b", 1_010.0),
+            ev("task-succeeded", "b", 1_010.0, runtime=0.1),
+        ]
+    )
+    assert get("celery_task_active", task) == 0
+    assert get("celery_task_waiting", task) == 0
+    assert get("celery_task_oldest_active_age_seconds", task) is None
+    assert get("celery_task_oldest_waiting_age_seconds", task) is None
+    assert get("celery_task_last_succeeded_timestamp_seconds", {"name": "app.add"}) == 1_010.0
+    assert get("celery_task_last_sent_timestamp_seconds", {"name": "app.add"}) == 998.0
+
+
+def test_a_worker_clock_ahead_makes_an_age_of_zero_not_negative(parts) -> None:
+    tracker, _, registry = parts
+    tracker.handle_all([sent(ts=1_000.0), received(ts=1_004.0), ev("task-started", ts=1_005.0)])
+    task = {"name": "app.add", "queue_name": "q1"}
+    assert registry.get_sample_value("celery_task_oldest_active_age_seconds", task) == 0.0
+
+
+def test_worker_facts_are_served_while_it_is_up(parts, clock) -> None:
+    tracker, _, registry = parts
+    get = registry.get_sample_value
+    tracker.handle(heartbeat_event())
+    info = {"hostname": "w@h", "sw_ident": "py-celery", "sw_ver": "5.5.3", "sw_sys": "Linux"}
+    assert get("celery_worker_info", info) == 1
+    loads = [
+        get("celery_worker_load_average", {"hostname": "w@h", "window": w})
+        for w in ("1m", "5m", "15m")
+    ]
+    assert loads == [1.5, 0.75, 0.25]
+    clock.advance(11)  # lost: its load is unknown, what it runs still known
+    assert get("celery_worker_load_average", {"hostname": "w@h", "window": "1m"}) is None
+    assert get("celery_worker_info", info) == 1
+
+
+def test_tasks_too_quick_to_be_seen_running_still_have_their_series_at_zero(parts) -> None:
+    tracker, _, registry = parts
+    tracker.handle_all(lifecycle("t1", 0.01, 990.0))  # ran and ended between two scrapes
+    task = {"name": "app.add", "queue_name": "q1"}
+    for metric in ("celery_task_active", "celery_task_waiting", "celery_task_worker_lost_total"):
+        assert registry.get_sample_value(metric, task) == 0, metric
+    assert registry.get_sample_value("celery_task_oldest_active_age_seconds", task) is None

@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 
 from celery_obs.exporter.config import parse_listen_address
 from celery_obs.exporter.http import Limits, MetricsServer
-from celery_obs.exporter.httpwire import wants_gzip
+from celery_obs.exporter.httpwire import wants_gzip, wants_openmetrics
 from celery_obs.exporter.webconfig import WebConfigError, load_web_config
 
 from support import ExporterProcess, free_port, http_get, run_exporter_cli, wait_for
@@ -81,7 +81,7 @@ def registry() -> CollectorRegistry:
 def serve(registry: CollectorRegistry, web_config=None, health=lambda: (True, "ok: fine")):
     server = MetricsServer(
         ("127.0.0.1", 0),
-        lambda: (generate_latest(registry), CONTENT_TYPE_LATEST),
+        lambda openmetrics: (generate_latest(registry), CONTENT_TYPE_LATEST),
         health,
         web_config,
     )
@@ -113,7 +113,7 @@ BODY = b"# TYPE celery_test_events_total counter\ncelery_test_events_total 3.0\n
 
 @contextmanager
 def running(
-    render: Callable[[], tuple[bytes, str]] = lambda: (BODY, CONTENT_TYPE_LATEST),
+    render: Callable[[bool], tuple[bytes, str]] = lambda openmetrics: (BODY, CONTENT_TYPE_LATEST),
     web_config=None,
     limits: Limits | None = None,
     health=lambda: (True, "ok: fine"),
@@ -390,15 +390,73 @@ def test_accept_encoding_is_negotiated_with_q_values(accept_encoding: str, gzipp
             response = connection.getresponse()
             body = response.read()
     assert response.status == 200
-    assert response.getheader("Vary") == "Accept-Encoding"
+    assert response.getheader("Vary") == "Accept, Accept-Encoding"
     assert response.getheader("Content-Encoding") == ("gzip" if gzipped else None)
     assert (gzip.decompress(body) if gzipped else body) == BODY
+
+
+#: What Prometheus 2.x sends (OpenMetrics first), and other scrapers' headers.
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
+@pytest.mark.parametrize(
+    ("accept", "openmetrics"),
+    [
+        (PROMETHEUS_ACCEPT, True),
+        ("application/openmetrics-text; version=1.0.0; charset=utf-8", True),
+        ("application/openmetrics-text", True),
+        ("application/openmetrics-text;version=0.0.1", True),
+        ("application/openmetrics-text;version=2.0.0", False),  # not a version we write
+        ("text/plain;version=0.0.4;q=0.5,application/openmetrics-text;q=0.5", False),  # tie
+        ("text/plain, application/openmetrics-text;q=0.9", False),
+        ("application/openmetrics-text;q=0", False),
+        ("application/openmetrics-text;q=nonsense", False),
+        ("*/*", False),
+        ("", False),
+        (None, False),
+        ("APPLICATION/OPENMETRICS-TEXT; Q=0.9, */*;q=0.5", True),
+        ("application/openmetrics-text;q=0.5, */*;q=0.8", False),  # anything, text included
+        # A version we do not write listed first does not hide one we do.
+        (
+            "application/openmetrics-text;version=2.0.0;q=0.9,"
+            "application/openmetrics-text;version=1.0.0;q=0.8",
+            True,
+        ),
+        # Text ranked low (and a text version we do not write ranked high): OpenMetrics.
+        (
+            "text/plain;version=1.0.0;q=0.9,application/openmetrics-text;q=0.8,"
+            "text/plain;version=0.0.4;q=0.1",
+            True,
+        ),
+    ],
+)
+def test_accept_chooses_openmetrics_only_when_preferred(accept, openmetrics: bool) -> None:
+    assert wants_openmetrics(accept) is openmetrics
+
+
+def test_each_format_is_rendered_and_labelled_as_asked() -> None:
+    def render(openmetrics: bool) -> tuple[bytes, str]:
+        return (b"om\n", "application/openmetrics-text") if openmetrics else (BODY, "text/plain")
+
+    with running(render) as server:
+        for accept, body, kind in (
+            (PROMETHEUS_ACCEPT, b"om\n", "application/openmetrics-text"),
+            ("text/plain", BODY, "text/plain"),
+        ):
+            connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1])
+            with contextlib.closing(connection):
+                connection.request("GET", "/metrics", headers={"Accept": accept})
+                response = connection.getresponse()
+                assert (response.read(), response.getheader("Content-Type")) == (body, kind)
 
 
 def test_metrics_without_accept_encoding_is_identity_and_still_varies() -> None:
     with running() as server:
         response = exchange(server, b"GET /metrics HTTP/1.0\r\n\r\n")
-    assert headers_of(response)["vary"] == "Accept-Encoding"
+    assert headers_of(response)["vary"] == "Accept, Accept-Encoding"
     assert "content-encoding" not in headers_of(response)
     assert response.split(b"\r\n\r\n", 1)[1] == BODY
 
@@ -446,7 +504,7 @@ def test_an_absolute_form_target_is_served_by_its_path() -> None:
 def test_render_failure_is_a_500_and_the_next_scrape_renders_again() -> None:
     calls = []
 
-    def render() -> tuple[bytes, str]:
+    def render(openmetrics: bool) -> tuple[bytes, str]:
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("tracker broke")

@@ -12,6 +12,7 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from celery_obs.exporter.occupancy import NOWHERE, RUNNING, WAITING
 from celery_obs.exporter.tracker import Tracker
 
 from test_tracker import Clock
@@ -140,3 +141,55 @@ def test_in_true_order_every_duration_is_measured(case) -> None:
     assert sum(sum(h.counts) for h in view.queue_wait.values()) == kinds["task-started"]
     assert sum(sum(h.counts) for h in view.runtime.values()) == sum(kinds[k] for k in ENDS)
     assert sum(sum(h.counts) for h in view.latency.values()) == sum(kinds[k] for k in ENDS)
+
+
+def assert_occupancy_consistent(tracker: Tracker) -> None:
+    """Every delivery is in exactly the place it says, and held by its worker."""
+    occupancy = tracker.tasks.occupancy
+    for place, table in ((RUNNING, occupancy.running), (WAITING, occupancy.waiting)):
+        for delivery in table:
+            assert delivery.place == place
+            assert not delivery.end
+            assert delivery in occupancy.by_host[delivery.host]
+    held = [d for deliveries in occupancy.by_host.values() for d in deliveries]
+    assert all(d.place != NOWHERE for d in held)
+    assert len(held) == len(occupancy.running) + len(occupancy.waiting) + occupancy.scheduled
+
+
+@st.composite
+def interleaved(draw: st.DrawFn) -> list[dict]:
+    """Several lifecycles, each in its true order, interleaved at random (as the stream of a
+    busy cluster arrives)."""
+    lifecycles = [
+        draw(lifecycle(f"task-{i}", draw(st.sampled_from(["app.a", "app.b"]))))
+        for i in range(draw(st.integers(min_value=1, max_value=5)))
+    ]
+    order = draw(st.permutations([i for i, events in enumerate(lifecycles) for _ in events]))
+    queues = [list(events) for events in lifecycles]
+    return [queues[i].pop(0) for i in order]
+
+
+@settings(max_examples=200, deadline=None)
+@given(interleaved())
+def test_once_every_task_has_finished_nothing_runs_or_waits(events) -> None:
+    tracker = Tracker(clock=Clock())
+    for event in events:
+        tracker.handle(dict(event))
+        assert_occupancy_consistent(tracker)
+    tracker.tick()
+    view = tracker.view()
+    assert (view.running.counts, view.waiting.counts, view.reserved) == ({}, {}, {})
+    assert tracker.tasks.occupancy.by_host == {}
+
+
+@settings(max_examples=200, deadline=None)
+@given(stream())
+def test_in_any_order_the_places_stay_consistent(case) -> None:
+    _, arriving = case
+    tracker = Tracker(clock=Clock())
+    for event in arriving:
+        tracker.handle(dict(event))
+        assert_occupancy_consistent(tracker)
+    tracker.tick()
+    view = tracker.view()
+    assert all(n > 0 for n in (*view.running.counts.values(), *view.waiting.counts.values()))
