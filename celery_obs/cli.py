@@ -5,9 +5,10 @@
     celery-obs dashboards                                    write the Grafana dashboards
     celery-obs setup elasticsearch|kibana --url URL          templates / saved objects for logs
     celery-obs assets export DIR                             rules, dashboards, pipeline, ...
+    celery-obs rules periodic reports.nightly=26h            dead-man's switches for beat tasks
 
-It only dispatches: each command lives in its package (exporter, setup, dashboards, assets), and
-none of those imports this module.
+It only dispatches: each command lives in its package (exporter, setup, dashboards, assets,
+rules), and none of those imports this module.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from . import __version__, assets
+from . import __version__, assets, rules
 from .exporter import commands as exporter_commands
 from .setup.cli import add_setup_parser
 from .setup.cli import run as run_setup
@@ -71,6 +72,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     export = actions.add_parser("export", help="Copy every asset into DIR.")
     export.add_argument("directory", metavar="DIR", type=Path, help="Where to write them.")
     actions.add_parser("list", help="List the assets and where they are read from.")
+    rules.add_rules_parser(commands)
     return parser
 
 
@@ -115,6 +117,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return run_setup(args, environ)
     if args.command == "assets":
         return run_assets(args)
+    if args.command == "rules":
+        return rules.run(args)
     return exporter_commands.run(args, parser)
 
 
