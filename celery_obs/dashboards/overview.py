@@ -12,6 +12,7 @@ from .panels import (
     dashboard,
     failure_percent,
     kibana_link,
+    last_ran_table,
     quantile,
     queue_length,
     rate,
@@ -24,11 +25,73 @@ from .panels import (
 )
 
 STATES = [kind.removeprefix("task-") for kind in m.TASK_COUNTERS]
+EXEMPLARS = "The dots are exemplars: one task each; click one for its logs in Kibana."
 
 
 def latency_panel(grid: Grid, title: str, spec: m.MetricSpec, description: str) -> g.TimeSeries:
     pairs = [(quantile(q, spec), f"p{round(q * 100)}") for q in QUANTILES]
-    return timeseries(grid, title, pairs, unit="s", width=8, description=description)
+    return timeseries(
+        grid,
+        title,
+        pairs,
+        unit="s",
+        width=8,
+        description=f"{description} {EXEMPLARS}",
+        exemplars=True,
+    )
+
+
+def stuck_and_waiting(grid: Grid) -> list:
+    """What runs and waits on the workers now, and for how long the oldest has."""
+    by_name = "sum by (name) ({})"
+    oldest = "max by (name) ({})"
+    return [
+        grid.row("Stuck and waiting"),
+        timeseries(
+            grid,
+            "Running now",
+            [(by_name.format(selector(m.TASK_ACTIVE)), "{{name}}")],
+            width=6,
+            description="Tasks started and not finished, by task name.",
+        ),
+        timeseries(
+            grid,
+            "Oldest running",
+            [(oldest.format(selector(m.TASK_OLDEST_ACTIVE_AGE)), "{{name}}")],
+            unit="s",
+            width=6,
+            description="How long the longest-running task of each name has run. A line that "
+            "climbs steadily is a stuck task (CeleryTaskRunningLong past an hour).",
+        ),
+        timeseries(
+            grid,
+            "Waiting on workers",
+            [(by_name.format(selector(m.TASK_WAITING)), "{{name}}")],
+            width=6,
+            description="Tasks a worker received (prefetched) and has not started; ETA tasks "
+            "from their ETA on.",
+        ),
+        timeseries(
+            grid,
+            "Oldest waiting on a worker",
+            [(oldest.format(selector(m.TASK_OLDEST_WAITING_AGE)), "{{name}}")],
+            unit="s",
+            width=6,
+            description="How long the task waiting longest on a worker has waited: prefetched "
+            "behind long tasks (CeleryTasksWaitingOnBusyWorkers past 5 minutes).",
+        ),
+        top_table(
+            grid,
+            "Tasks lost with their worker",
+            f"sum by (name) (increase({selector(m.TASK_WORKER_LOST)}[$__range])) > 0",
+            "name",
+            width=8,
+            description="Tasks running or held on a worker when it was lost or restarted "
+            "without shutting down, over the time range.",
+            links=[kibana_link("name")],
+        ),
+        last_ran_table(grid, width=16),
+    ]
 
 
 def build(kibana_url: str) -> g.Dashboard:
@@ -73,6 +136,7 @@ def build(kibana_url: str) -> g.Dashboard:
             "exception",
             description="Failures by exception class over the time range.",
         ),
+        *stuck_and_waiting(grid),
         grid.row("Queues and workers"),
         queue_length(grid),
         stat(

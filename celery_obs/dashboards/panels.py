@@ -68,8 +68,17 @@ def failure_percent(by: Sequence[str] = (), **fixed: str) -> str:
     return f"100 * ({failed}) / ({finished_rate(by, **fixed)} > 0)"
 
 
-def target(expr: str, legend: str = "", ref: str = "A", instant: bool = False) -> g.Target:
-    return g.Target(
+class ExemplarTarget(g.Target):
+    """A Prometheus query that also fetches its exemplars (grafanalib has no field for it)."""
+
+    def to_json_data(self) -> dict:
+        return {**super().to_json_data(), "exemplar": True}
+
+
+def target(
+    expr: str, legend: str = "", ref: str = "A", instant: bool = False, exemplar: bool = False
+) -> g.Target:
+    return (ExemplarTarget if exemplar else g.Target)(
         expr=expr,
         legendFormat=legend,
         refId=ref,
@@ -79,8 +88,13 @@ def target(expr: str, legend: str = "", ref: str = "A", instant: bool = False) -
     )
 
 
-def targets(pairs: Iterable[tuple[str, str]]) -> list[g.Target]:
-    return [target(expr, legend, chr(ord("A") + i)) for i, (expr, legend) in enumerate(pairs)]
+def targets(pairs: Iterable[tuple[str, str]], exemplars: bool = False) -> list[g.Target]:
+    """One target per (expr, legend). With `exemplars`, the first also fetches the exemplars
+    (task ids) of the histogram it reads: once is enough, every quantile has the same ones."""
+    return [
+        target(expr, legend, chr(ord("A") + i), exemplar=exemplars and i == 0)
+        for i, (expr, legend) in enumerate(pairs)
+    ]
 
 
 #: The data view `celery-obs setup kibana` installs (celery_obs.setup.assets.DATA_VIEW_ID).
@@ -133,11 +147,12 @@ def timeseries(
     height: int = 8,
     description: str = "",
     extra: dict | None = None,
+    exemplars: bool = False,
 ) -> g.TimeSeries:
     return g.TimeSeries(
         title=title,
         dataSource=DATASOURCE,
-        targets=targets(pairs),
+        targets=targets(pairs, exemplars),
         unit=unit,
         gridPos=grid.pos(width, height),
         description=description,
@@ -223,6 +238,44 @@ def top_table(
         ],
         sortBy=[g.TableSortByField(displayName="count", desc=True)],
         extraJson=with_links(links) if links else None,
+    )
+
+
+def last_ran_table(grid: Grid, width: int = 24, height: int = 8) -> g.Table:
+    """Per task name: how long ago it was last sent, succeeded and failed (the dead-man's
+    switches of periodic tasks, `celery-obs rules periodic`)."""
+    columns = [
+        ("since sent", m.TASK_LAST_AT["task-sent"]),
+        ("since success", m.TASK_LAST_AT["task-succeeded"]),
+        ("since failure", m.TASK_LAST_AT["task-failed"]),
+    ]
+    return g.Table(
+        title="When each task last ran",
+        dataSource=DATASOURCE,
+        targets=[
+            target(
+                f"time() - max by (name) ({selector(spec)})", ref=chr(ord("A") + i), instant=True
+            )
+            for i, (_, spec) in enumerate(columns)
+        ],
+        gridPos=grid.pos(width, height),
+        description="Time since each task name was last sent, last succeeded and last failed. "
+        "A periodic task whose last success is older than its schedule missed a run; "
+        "`celery-obs rules periodic` alerts on it. Empty: never since the exporter started.",
+        unit="dtdurations",
+        transformations=[
+            {"id": "merge", "options": {}},
+            {
+                "id": "organize",
+                "options": {
+                    "excludeByName": {"Time": True},
+                    "renameByName": {
+                        f"Value #{chr(ord('A') + i)}": label for i, (label, _) in enumerate(columns)
+                    },
+                },
+            },
+        ],
+        sortBy=[g.TableSortByField(displayName="since success", desc=True)],
     )
 
 

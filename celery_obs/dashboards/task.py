@@ -6,6 +6,7 @@ from grafanalib import core as g
 
 from celery_obs.exporter import metrics as m
 
+from .overview import EXEMPLARS
 from .panels import (
     QUANTILES,
     Grid,
@@ -36,13 +37,23 @@ def build(kibana_url: str) -> g.Dashboard:
         timeseries(
             grid, "Failure rate", [(failure_percent(), "failed %")], unit="percent", width=8
         ),
-        timeseries(grid, "Runtime by outcome", runtime, unit="s", width=8),
+        timeseries(
+            grid,
+            "Runtime by outcome",
+            runtime,
+            unit="s",
+            width=8,
+            description=EXEMPLARS,
+            exemplars=True,
+        ),
         timeseries(
             grid,
             "Queue wait",
             [(quantile(q, m.TASK_QUEUE_WAIT), f"p{round(q * 100)}") for q in QUANTILES],
             unit="s",
             width=8,
+            description=EXEMPLARS,
+            exemplars=True,
         ),
         timeseries(
             grid,
@@ -50,6 +61,29 @@ def build(kibana_url: str) -> g.Dashboard:
             [(quantile(q, m.TASK_LATENCY), f"p{round(q * 100)}") for q in QUANTILES],
             unit="s",
             width=8,
+            description=EXEMPLARS,
+            exemplars=True,
+        ),
+        timeseries(
+            grid,
+            "Running and waiting now",
+            [
+                (f"sum({selector(m.TASK_ACTIVE)})", "running"),
+                (f"sum({selector(m.TASK_WAITING)})", "waiting on a worker"),
+            ],
+            width=12,
+        ),
+        timeseries(
+            grid,
+            "Oldest running and waiting",
+            [
+                (f"max({selector(m.TASK_OLDEST_ACTIVE_AGE)})", "running for"),
+                (f"max({selector(m.TASK_OLDEST_WAITING_AGE)})", "waiting for"),
+            ],
+            unit="s",
+            width=12,
+            description="Age of the longest-running task, and of the task waiting longest on "
+            "a worker. A steady climb is a stuck task.",
         ),
         grid.row("Errors"),
         timeseries(

@@ -14,6 +14,7 @@ from .panels import (
     queue_length,
     rate,
     selector,
+    target,
     targets,
     timeseries,
     variables,
@@ -70,6 +71,46 @@ def build(kibana_url: str) -> g.Dashboard:
             [(f"time() - max by (hostname) ({selector(m.WORKER_LAST_HEARTBEAT)})", "{{hostname}}")],
             unit="s",
             width=8,
+        ),
+        timeseries(
+            grid,
+            "Reserved (prefetched) tasks",
+            [(f"sum by (hostname) ({selector(m.WORKER_TASKS_RESERVED)})", "{{hostname}}")],
+            width=8,
+            description="Tasks a worker received and has not started. Many on one worker "
+            "while others idle: it prefetches behind long tasks (-O fair, prefetch 1).",
+        ),
+        timeseries(
+            grid,
+            "Load average (1 minute)",
+            [
+                (
+                    f"max by (hostname) ({selector(m.WORKER_LOAD_AVERAGE, window='1m')})",
+                    "{{hostname}}",
+                )
+            ],
+            width=8,
+            description="The worker host's load average, from its heartbeats.",
+        ),
+        g.Table(
+            title="What each worker runs",
+            dataSource=DATASOURCE,
+            targets=[
+                target(
+                    f"max by (hostname, sw_ver, sw_sys) ({selector(m.WORKER_INFO)})", instant=True
+                )
+            ],
+            gridPos=grid.pos(8, 8),
+            description="The Celery version (sw_ver) and OS each worker reports.",
+            transformations=[
+                {
+                    "id": "organize",
+                    "options": {
+                        "excludeByName": {"Time": True, "Value": True},
+                        "renameByName": {"sw_ver": "Celery", "sw_sys": "OS"},
+                    },
+                }
+            ],
         ),
         grid.row("Queues"),
         queue_length(grid),

@@ -109,3 +109,72 @@ def test_provisioning_loads_the_dashboards_directory() -> None:
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
     source = yaml.safe_load((ROOT / "grafana/provisioning/datasources/prometheus.yml").read_text())
     assert source["datasources"][0]["type"] == "prometheus"
+
+
+LATENCY_PANELS = [
+    ("celery-overview.json", "Runtime", "celery_task_runtime_seconds_bucket"),
+    ("celery-overview.json", "Queue wait", "celery_task_queue_wait_seconds_bucket"),
+    ("celery-overview.json", "End-to-end latency", "celery_task_latency_seconds_bucket"),
+    ("celery-task.json", "Runtime by outcome", "celery_task_runtime_seconds_bucket"),
+    ("celery-task.json", "Queue wait", "celery_task_queue_wait_seconds_bucket"),
+    ("celery-task.json", "End-to-end latency", "celery_task_latency_seconds_bucket"),
+]
+
+
+@pytest.mark.parametrize(("filename", "title", "bucket"), LATENCY_PANELS)
+def test_latency_panels_fetch_exemplars_once(filename: str, title: str, bucket: str) -> None:
+    [panel] = [p for p in load(filename)["panels"] if p["title"] == title]
+    fetching = [t for t in panel["targets"] if t.get("exemplar")]
+    assert len(fetching) == 1  # the same exemplars for every quantile: once
+    assert bucket in fetching[0]["expr"]
+    assert "exemplar" in panel["description"]
+
+
+def test_only_latency_panels_fetch_exemplars() -> None:
+    fetching = {
+        (filename, panel["title"])
+        for filename in DASHBOARDS
+        for panel in all_panels(load(filename))
+        for target in panel["targets"]
+        if target.get("exemplar")
+    }
+    assert fetching == {(filename, title) for filename, title, _ in LATENCY_PANELS}
+
+
+def test_an_exemplar_opens_that_tasks_logs_in_kibana() -> None:
+    from celery_obs.dashboards.panels import KIBANA_DATA_VIEW
+
+    source = yaml.safe_load((ROOT / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    [destination] = source["datasources"][0]["jsonData"]["exemplarTraceIdDestinations"]
+    assert destination["name"] == "task_id"  # the exemplar label the exporter writes
+    url = destination["url"]
+    # Grafana expands ${VAR} from its environment in provisioning files, and $$ is a literal $.
+    assert url.startswith("${CELERY_OBS_KIBANA_URL}/app/discover#/")
+    assert f"index:'{KIBANA_DATA_VIEW}'" in url
+    assert "query:'celery.task.id:\"$${__value.raw}\"'" in url
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert "CELERY_OBS_KIBANA_URL" in compose["services"]["grafana"]["environment"]
+    assert "--enable-feature=exemplar-storage" in compose["services"]["prometheus"]["command"]
+
+
+def test_the_overview_shows_stuck_and_waiting_work_and_when_each_task_last_ran() -> None:
+    panels = load("celery-overview.json")["panels"]
+    rows = [p["title"] for p in panels if p["type"] == "row"]
+    assert "Stuck and waiting" in rows
+    titles = {p["title"]: p for p in panels}
+    for title, metric in [
+        ("Running now", "celery_task_active"),
+        ("Oldest running", "celery_task_oldest_active_age_seconds"),
+        ("Waiting on workers", "celery_task_waiting"),
+        ("Oldest waiting on a worker", "celery_task_oldest_waiting_age_seconds"),
+        ("Tasks lost with their worker", "celery_task_worker_lost_total"),
+    ]:
+        assert metric in titles[title]["targets"][0]["expr"], title
+    table = titles["When each task last ran"]
+    assert table["type"] == "table"
+    assert [re.search(r"celery_\w+", t["expr"]).group() for t in table["targets"]] == [  # type: ignore[union-attr]
+        "celery_task_last_sent_timestamp_seconds",
+        "celery_task_last_succeeded_timestamp_seconds",
+        "celery_task_last_failed_timestamp_seconds",
+    ]
+    assert all(t["instant"] for t in table["targets"])

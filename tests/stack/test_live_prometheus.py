@@ -1,6 +1,8 @@
 """Proven live: a real Prometheus scrapes the exporter watching real workers on Redis, loads our
-rules (alert durations shortened for the test), and every recording rule returns data; a
-SIGKILLed worker drives CeleryWorkerDown to firing, a warm shutdown never even makes it pending."""
+rules (alert durations shortened for the test), and every recording rule and dashboard panel
+returns data; a SIGKILLed worker drives CeleryWorkerDown to firing, a warm shutdown never even
+makes it pending; Prometheus negotiates OpenMetrics and stores the exemplars, whose task ids are
+the real ids of the tasks the test sent."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import re
 import shutil
 import signal
 import tempfile
+import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,6 +64,7 @@ class Prometheus:
                 f"--config.file={workdir / 'prometheus.yml'}",
                 f"--storage.tsdb.path={workdir / 'data'}",
                 f"--web.listen-address=127.0.0.1:{self.port}",
+                "--enable-feature=exemplar-storage",
             ],
         )
         wait_for(lambda: self._ready(), 30, "Prometheus ready")
@@ -80,6 +84,18 @@ class Prometheus:
 
     def query(self, expr: str) -> list:
         return self.api("query", query=expr)["result"]
+
+    def query_range(self, expr: str, seconds: float = 300) -> list:
+        """As a Grafana time series panel asks: the last `seconds`, a point per second."""
+        end = time.time()
+        return self.api(
+            "query_range", query=expr, start=str(end - seconds), end=str(end), step="1"
+        )["result"]
+
+    def exemplars(self, expr: str, seconds: float = 300) -> list[dict]:
+        end = time.time()
+        result = self.api("query_exemplars", query=expr, start=str(end - seconds), end=str(end))
+        return [exemplar for series in result for exemplar in series["exemplars"]]
 
     def close(self) -> None:
         self.process.close()
@@ -111,8 +127,9 @@ def recording_rules() -> list[dict]:
     ]
 
 
-def dashboard_queries() -> list[tuple[str, str, str]]:
-    """(dashboard, panel title, expression with variables substituted) for every target."""
+def dashboard_queries() -> list[tuple[str, str, str, bool]]:
+    """(dashboard, panel title, expression with variables substituted, instant?) for every
+    target: tables ask for one instant, time series for a range."""
     queries = []
     for path in sorted(DASHBOARDS.glob("*.json")):
         for panel in json.loads(path.read_text())["panels"]:
@@ -121,12 +138,12 @@ def dashboard_queries() -> list[tuple[str, str, str]]:
                 for variable, value in VARIABLES.items():
                     expr = expr.replace(variable, value)
                 assert "$" not in expr, expr
-                queries.append((path.name, panel["title"], expr))
+                queries.append((path.name, panel["title"], expr, bool(target.get("instant"))))
     return queries
 
 
 def test_rules_and_dashboards_return_data_and_a_killed_worker_fires(
-    redis_url, queue, start_exporter, start_worker, prometheus_for
+    redis_url, queue, start_exporter, start_worker, prometheus_for, tmp_path
 ):
     exporter = start_exporter(redis_url, "--worker-timeout", "3")
     worker = start_worker(redis_url, queue)
@@ -140,6 +157,15 @@ def test_rules_and_dashboards_return_data_and_a_killed_worker_fires(
     # rate() needs a counter to rise between scrapes: send in two rounds, the second after
     # Prometheus has seen the first.
     app = producer(redis_url, queue)
+    sent_ids: set[str] = set()
+    send = app.send_task
+
+    def send_task(*args, **kwargs):
+        result = send(*args, **kwargs)
+        sent_ids.add(result.id)
+        return result
+
+    app.send_task = send_task  # type: ignore[method-assign]
     fail = {"name": "obs.fail_value", "queue_name": queue, "exception": "ValueError"}
     for round_, (adds, fails) in enumerate([(10, 4), (20, 6)]):
         for i in range(adds):
@@ -174,10 +200,6 @@ def test_rules_and_dashboards_return_data_and_a_killed_worker_fires(
         )
         assert all(float(sample["value"][1]) == float(sample["value"][1]) for sample in result)
 
-    # Every target of every dashboard panel returns data too.
-    for dashboard, title, expr in dashboard_queries():
-        wait_for(lambda expr=expr: prometheus.query(expr), 30, f"data for {dashboard}: {title}")
-
     ratio = prometheus.query(
         f'name_queue:celery_task_failure:ratio5m{{name="obs.fail_value",queue_name="{queue}"}}'
     )
@@ -193,6 +215,26 @@ def test_rules_and_dashboards_return_data_and_a_killed_worker_fires(
         "the scaled-in worker scraped as down",
     )
     assert prometheus.query(f"celery_worker_lost{{{graceful}}} == 0")
+
+    # Four tasks that run until released: the worker's two processes run two, two wait
+    # prefetched. The stuck-and-waiting panels see them; then the worker is killed with them.
+    release = tmp_path / "release"
+    for _ in range(4):
+        app.send_task("obs.wait_for", (str(release),))
+    task = f'name="obs.wait_for",queue_name="{queue}"'
+    wait_for(
+        lambda: (
+            prometheus.query(f"celery_task_active{{{task}}} == 2")
+            and prometheus.query(f"celery_task_waiting{{{task}}} == 2")
+        ),
+        30,
+        "two tasks running and two waiting, scraped",
+    )
+    wait_for(
+        lambda: prometheus.query(f"celery_task_oldest_active_age_seconds{{{task}}} > 2"),
+        30,
+        "the running tasks' age growing",
+    )
 
     worker.signal(signal.SIGKILL)
 
@@ -213,3 +255,34 @@ def test_rules_and_dashboards_return_data_and_a_killed_worker_fires(
         prometheus.query(f'max_over_time(ALERTS{{alertname="CeleryWorkerDown",{graceful}}}[10m])')
         == []
     )
+
+    # The killed worker's four tasks stop running and waiting, and are counted as lost.
+    wait_for(
+        lambda: (
+            prometheus.query(f"celery_task_worker_lost_total{{{task}}} == 4")
+            and prometheus.query(f"celery_task_active{{{task}}} == 0")
+            and prometheus.query(f"celery_task_waiting{{{task}}} == 0")
+        ),
+        30,
+        "the lost worker's tasks counted and gone",
+    )
+
+    # Every target of every dashboard panel returns data, asked as Grafana asks: tables for
+    # now, time series over the last minutes (the stuck tasks ran then).
+    for dashboard, title, expr, instant in dashboard_queries():
+        ask = prometheus.query if instant else prometheus.query_range
+        wait_for(lambda expr=expr, ask=ask: ask(expr), 30, f"data for {dashboard}: {title}")
+
+    # Prometheus scraped OpenMetrics and kept the exemplars: real ids of the tasks sent.
+    assert prometheus.query('scrape_samples_scraped{job="celery-exporter"} > 0')
+    for histogram in ("runtime", "queue_wait", "latency"):
+        exemplars = wait_for(
+            lambda histogram=histogram: prometheus.exemplars(
+                f'celery_task_{histogram}_seconds_bucket{{queue_name="{queue}"}}'
+            ),
+            30,
+            f"exemplars of celery_task_{histogram}_seconds",
+        )
+        ids = {exemplar["labels"]["task_id"] for exemplar in exemplars}
+        assert ids <= sent_ids, ids - sent_ids
+        assert all(set(exemplar["labels"]) == {"task_id"} for exemplar in exemplars)
