@@ -5,6 +5,7 @@
     celery-obs dashboards                                    write the Grafana dashboards
     celery-obs setup elasticsearch|kibana --url URL          templates / saved objects for logs
     celery-obs assets export DIR                             rules, dashboards, pipeline, ...
+    celery-obs rules alerts --selector MATCHERS --out DIR    the alerts for your scrape labels
     celery-obs rules periodic reports.nightly=26h            dead-man's switches for beat tasks
 
 It only dispatches: each command lives in its package (exporter, setup, dashboards, assets,
@@ -19,8 +20,9 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from . import __version__, assets, rules
+from . import __version__, assets
 from .exporter import commands as exporter_commands
+from .rules import cli as rules
 from .setup.cli import add_setup_parser
 from .setup.cli import run as run_setup
 

@@ -201,7 +201,7 @@ def test_rules_and_dashboards_return_data_and_a_killed_worker_fires(
         assert all(float(sample["value"][1]) == float(sample["value"][1]) for sample in result)
 
     ratio = prometheus.query(
-        f'name_queue:celery_task_failure:ratio5m{{name="obs.fail_value",queue_name="{queue}"}}'
+        f'job_name_queue_name:celery_task_failure:ratio5m{{name="obs.fail_value",queue_name="{queue}"}}'
     )
     assert [float(s["value"][1]) for s in ratio] == [1.0]
 

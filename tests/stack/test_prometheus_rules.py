@@ -10,14 +10,18 @@ import pytest
 import yaml
 
 from celery_obs import cli
-from celery_obs import rules as periodic
 from celery_obs.exporter.metrics import BY_NAME
+from celery_obs.rules import alerts as shipped
+from celery_obs.rules import periodic
+from celery_obs.rules.promql import OVERVIEW_UID, TASK_UID, WORKERS_UID
 
 from support import ROOT
 
 PROMETHEUS = ROOT / "prometheus"
 RULE_FILES = sorted((PROMETHEUS / "rules").glob("*.yml"))
 ALERT_TESTS = PROMETHEUS / "tests" / "celery-alerts.test.yml"
+RUNBOOKS = ROOT / "docs" / "runbooks.md"
+DASHBOARD_UIDS = {OVERVIEW_UID, TASK_UID, WORKERS_UID}
 
 needs_promtool = pytest.mark.skipif(
     shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)"
@@ -51,7 +55,35 @@ def test_promtool_unit_tests_pass() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_every_alert_has_a_firing_case_and_its_annotations() -> None:
+def runbook_anchors() -> set[str]:
+    """The anchors GitHub makes for docs/runbooks.md: one per heading, plus explicit ids."""
+    text = RUNBOOKS.read_text()
+    headings = re.findall(r"^#+ (.+)$", text, re.MULTILINE)
+    slugs = {re.sub(r"[^a-z0-9 _-]", "", h.lower()).replace(" ", "-") for h in headings}
+    return slugs | set(re.findall(r'<a id="([^"]+)"></a>', text))
+
+
+def check_conventions(rule: dict) -> None:
+    """The monitoring-mixin conventions every alert we write follows."""
+    name = rule["alert"]
+    annotations = rule["annotations"]
+    assert set(annotations) == {"summary", "description", "runbook_url", "dashboard_url"}, name
+    # The summary is static so notifications group by it; the details go in the description.
+    assert "{{" not in annotations["summary"], name
+    assert annotations["summary"].endswith("."), name
+    # The details: the labels of what fired (an absent() alert has none to tell).
+    assert "{{ $labels." in annotations["description"] or "absent(" in rule["expr"], name
+    base, _, anchor = annotations["runbook_url"].partition("#")
+    assert base.endswith("/docs/runbooks.md"), name
+    assert anchor == name.lower(), name
+    assert anchor in runbook_anchors(), f"docs/runbooks.md has no section for {name}"
+    uid = re.fullmatch(r"http://localhost:3000/d/([a-z-]+)(\?.*)?", annotations["dashboard_url"])
+    assert uid, annotations["dashboard_url"]
+    assert uid.group(1) in DASHBOARD_UIDS, annotations["dashboard_url"]
+    assert rule["labels"]["severity"] in {"critical", "warning", "info"}, name
+
+
+def test_every_alert_has_a_firing_case_and_follows_the_conventions() -> None:
     tests = yaml.safe_load(ALERT_TESTS.read_text())["tests"]
     firing = {
         case["alertname"]
@@ -59,12 +91,170 @@ def test_every_alert_has_a_firing_case_and_its_annotations() -> None:
         for case in test.get("alert_rule_test", [])
         if case.get("exp_alerts")
     }
+    quiet = {
+        case["alertname"]
+        for test in tests
+        for case in test.get("alert_rule_test", [])
+        if not case.get("exp_alerts")
+    }
     alerts = [rule for rule in rules() if "alert" in rule]
-    assert len(alerts) >= 10
+    assert len(alerts) == 15
     for rule in alerts:
         assert rule["alert"] in firing, f"{rule['alert']} has no promtool case that fires"
-        assert {"summary", "description", "runbook"} <= set(rule["annotations"]), rule["alert"]
-        assert rule["labels"]["severity"] in {"critical", "warning", "info"}
+        check_conventions(rule)
+    assert {
+        "CeleryWorkerDown",  # a warm shutdown (scale-in, deploy) stays quiet
+        "CeleryExporterDown",  # one replica of two down stays quiet
+        "CeleryExporterAbsent",
+        "CeleryTaskFailureRateHigh",
+        "CeleryTaskEventsMissing",
+    } <= quiet
+
+
+def test_recording_rules_are_named_for_the_labels_they_keep() -> None:
+    recorded = [rule for rule in rules() if "record" in rule]
+    assert len(recorded) == 12
+    for rule in recorded:
+        level = rule["record"].split(":")[0]
+        by = re.search(r"^sum by \(([a-z_, ]+)\)", rule["expr"]) or re.search(
+            r"histogram_quantile\(0\.95, sum by \(([a-z_, ]+), le\)", rule["expr"]
+        )
+        if by:
+            assert by.group(1).replace(" ", "").replace(",", "_") == level, rule["record"]
+        else:  # built from other recording rules, at the same level
+            used = re.findall(r"([a-z_]+):[a-z0-9_]+:[a-z0-9_]+", rule["expr"])
+            assert used, rule["record"]
+            assert set(used) == {level}, rule["record"]
+        # Replicas are deduplicated before anything is summed (or built on rules that are).
+        raw = re.sub(r"[a-z_]+:[a-z0-9_]+:[a-z0-9_]+", "", rule["expr"])
+        assert "max without (instance, pod)" in rule["expr"] or "celery_" not in raw, rule["record"]
+
+
+def test_the_committed_rules_are_what_the_generator_writes(tmp_path, capsys) -> None:
+    assert cli.main(["rules", "alerts", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"wrote {tmp_path / name}" for name in ("celery-recording.yml", "celery-alerts.yml")
+    ]
+    for path in RULE_FILES:
+        assert (tmp_path / path.name).read_text() == path.read_text(), (
+            f"{path.name} is stale: run celery-obs rules alerts --out prometheus/rules"
+        )
+    assert set(shipped.rule_files()) == {path.name for path in RULE_FILES}
+
+
+#: Under the Prometheus Operator the job label is the Service's name, and every target has a
+#: namespace, service and pod. A PromQL set of inputs shaped like that.
+OPERATOR_SERIES = 'namespace="celery",service="exporter",job="exporter",pod="exporter-0"'
+
+
+def operator_tests(rule_files: list[str]) -> dict:
+    return {
+        "rule_files": rule_files,
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "name": "an operator-scraped exporter that is up",
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": f'up{{{OPERATOR_SERIES},instance="10.0.0.5:9808"}}',
+                        "values": "1x15",
+                    }
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "10m", "alertname": "CeleryExporterAbsent", "exp_alerts": []},
+                    {"eval_time": "10m", "alertname": "CeleryExporterDown", "exp_alerts": []},
+                ],
+            },
+            {
+                "name": "an operator-scraped exporter that is down",
+                "interval": "1m",
+                "input_series": [
+                    {
+                        "series": f'up{{{OPERATOR_SERIES},instance="10.0.0.5:9808"}}',
+                        "values": "0x15",
+                    }
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "10m", "alertname": "CeleryExporterAbsent", "exp_alerts": []},
+                    {
+                        "eval_time": "10m",
+                        "alertname": "CeleryExporterDown",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "severity": "critical",
+                                    "job": "exporter",
+                                    "namespace": "celery",
+                                    "service": "exporter",
+                                },
+                                "exp_annotations": {
+                                    "summary": "No Celery exporter replica can be scraped.",
+                                    "description": "Prometheus has failed to scrape every "
+                                    "replica of exporter for 2 minutes: no Celery metric is "
+                                    "fresh and every other Celery alert is blind.",
+                                    "runbook_url": "https://runbooks.example/celery.md"
+                                    "#celeryexporterdown",
+                                    "dashboard_url": "https://grafana.example/d/celery-overview"
+                                    "?var-job=exporter",
+                                },
+                            }
+                        ],
+                    },
+                ],
+            },
+        ],
+    }
+
+
+@needs_promtool
+def test_a_custom_selector_watches_an_operator_scraped_exporter(tmp_path, capsys) -> None:
+    selector = 'namespace="celery",service="exporter"'
+    argv = ["rules", "alerts", "--selector", selector, "--out", str(tmp_path / "custom")]
+    argv += ["--runbook-url", "https://runbooks.example/celery.md"]
+    argv += ["--grafana-url", "https://grafana.example/"]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    custom = sorted(map(str, (tmp_path / "custom").glob("*.yml")))
+    assert (
+        'namespace="celery", service="exporter"'
+        in (tmp_path / "custom" / "celery-alerts.yml").read_text()
+    )
+    assert promtool("check", "rules", *custom).returncode == 0
+    tests = tmp_path / "custom.test.yml"
+    tests.write_text(yaml.safe_dump(operator_tests(custom)))
+    result = promtool("test", "rules", str(tests))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    # The shipped default selector is what the issue measured: Absent forever, Down never.
+    tests.write_text(yaml.safe_dump(operator_tests([str(path) for path in RULE_FILES])))
+    result = promtool("test", "rules", str(tests))
+    assert result.returncode == 1
+    assert "alertname: CeleryExporterAbsent" in result.stdout + result.stderr
+    assert "alertname: CeleryExporterDown" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "message"),
+    [
+        (["--selector", "job=celery"], 2, "is not a list of label matchers"),
+        (["--selector", 'name="x"'], 2, "the rules set 'name' themselves"),
+        (["--selector", 'job=~"("'], 2, "is not a regular expression"),
+    ],
+)
+def test_bad_alert_selectors_are_usage_errors(argv, status, message, tmp_path, capsys) -> None:
+    assert cli.main(["rules", "alerts", *argv, "--out", str(tmp_path)]) == status
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert message in captured.err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unwritable_rules_directory_is_a_clear_error(tmp_path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli.main(["rules", "alerts", "--out", str(blocker / "rules")]) == 1
+    assert f"cannot create {blocker / 'rules'}: Not a directory" in capsys.readouterr().err
 
 
 def test_rules_use_only_catalogue_metrics() -> None:
