@@ -10,6 +10,7 @@ from grafanalib import core as g
 from grafanalib._gen import DashboardEncoder
 
 from . import overview, task, workers
+from .clean import clean
 from .panels import DEFAULT_KIBANA_URL
 
 #: file name -> builder. The compose stack provisions grafana/dashboards/ from these files.
@@ -23,10 +24,9 @@ DEFAULT_OUT = Path("grafana") / "dashboards"
 
 
 def render(builder: Callable[[str], g.Dashboard], kibana_url: str = DEFAULT_KIBANA_URL) -> str:
-    data = builder(kibana_url).to_json_data()
-    if not data.get("rows"):
-        del data["rows"]  # grafanalib's legacy (pre-gridPos) layout; our panels carry gridPos
-    return json.dumps(data, sort_keys=True, indent=2, cls=DashboardEncoder) + "\n"
+    # Through grafanalib's encoder first: it turns its objects into plain JSON values.
+    data = json.loads(json.dumps(builder(kibana_url).to_json_data(), cls=DashboardEncoder))
+    return json.dumps(clean(data), sort_keys=True, indent=2) + "\n"
 
 
 def write_all(out: Path = DEFAULT_OUT, kibana_url: str = DEFAULT_KIBANA_URL) -> list[Path]:

@@ -5,22 +5,28 @@ from __future__ import annotations
 from grafanalib import core as g
 
 from celery_obs.exporter import metrics as m
+from celery_obs.rules.promql import OVERVIEW_UID
 
 from .panels import (
     QUANTILES,
     Grid,
     dashboard,
     failure_percent,
+    increase,
     kibana_link,
     last_ran_table,
+    once,
     quantile,
     queue_length,
     rate,
+    recorded,
+    rules,
     selector,
     stat,
     throughput,
     timeseries,
     top_table,
+    total,
     variables,
 )
 
@@ -43,14 +49,15 @@ def latency_panel(grid: Grid, title: str, spec: m.MetricSpec, description: str) 
 
 def stuck_and_waiting(grid: Grid) -> list:
     """What runs and waits on the workers now, and for how long the oldest has."""
-    by_name = "sum by (name) ({})"
+    # max, not sum: replicas report the same ages (and max of the oldest is the oldest).
     oldest = "max by (name) ({})"
     return [
         grid.row("Stuck and waiting"),
         timeseries(
             grid,
             "Running now",
-            [(by_name.format(selector(m.TASK_ACTIVE)), "{{name}}")],
+            [(total(m.TASK_ACTIVE, ["name"]), "{{name}}")],
+            unit="short",
             width=6,
             description="Tasks started and not finished, by task name.",
         ),
@@ -66,7 +73,8 @@ def stuck_and_waiting(grid: Grid) -> list:
         timeseries(
             grid,
             "Waiting on workers",
-            [(by_name.format(selector(m.TASK_WAITING)), "{{name}}")],
+            [(total(m.TASK_WAITING, ["name"]), "{{name}}")],
+            unit="short",
             width=6,
             description="Tasks a worker received (prefetched) and has not started; ETA tasks "
             "from their ETA on.",
@@ -83,7 +91,7 @@ def stuck_and_waiting(grid: Grid) -> list:
         top_table(
             grid,
             "Tasks lost with their worker",
-            f"sum by (name) (increase({selector(m.TASK_WORKER_LOST)}[$__range])) > 0",
+            f"{increase(m.TASK_WORKER_LOST, ['name'])} > 0",
             "name",
             width=8,
             description="Tasks running or held on a worker when it was lost or restarted "
@@ -106,7 +114,8 @@ def build(kibana_url: str) -> g.Dashboard:
             [(failure_percent(), "failed %")],
             unit="percent",
             width=8,
-            description="Failed / (succeeded + failed).",
+            description="Failed / (succeeded + failed) over 5 minutes, from the recording "
+            "rules CeleryTaskFailureRateHigh alerts on.",
         ),
         latency_panel(grid, "Runtime", m.TASK_RUNTIME, "Execution time on the worker."),
         latency_panel(
@@ -124,7 +133,7 @@ def build(kibana_url: str) -> g.Dashboard:
         top_table(
             grid,
             "Top failing tasks",
-            f"topk(10, sum by (name) (increase({selector(failed)}[$__range])))",
+            f"topk(10, {increase(failed, ['name'])})",
             "name",
             description="Failures over the dashboard's time range; click a task for its logs.",
             links=[kibana_link("name")],
@@ -132,7 +141,7 @@ def build(kibana_url: str) -> g.Dashboard:
         top_table(
             grid,
             "Top exceptions",
-            f"topk(10, sum by (exception) (increase({selector(failed)}[$__range])))",
+            f"topk(10, {increase(failed, ['exception'])})",
             "exception",
             description="Failures by exception class over the time range.",
         ),
@@ -142,15 +151,18 @@ def build(kibana_url: str) -> g.Dashboard:
         stat(
             grid,
             "Workers up",
-            f"sum({selector(m.WORKER_UP)} == 1) or vector(0)",
+            f"sum({recorded(rules.WORKERS_UP)}) or vector(0)",
+            unit="short",
             width=6,
             height=4,
-            description="Workers sending heartbeats.",
+            description="Workers sending heartbeats (the recording rule "
+            "job:celery_workers_up:sum).",
         ),
         stat(
             grid,
             "Workers lost",
-            f"count({selector(m.WORKER_LOST)} == 1) or vector(0)",
+            f"count({once(selector(m.WORKER_LOST))} == 1) or vector(0)",
+            unit="short",
             width=6,
             height=4,
             description="Workers silent past --worker-timeout without a warm shutdown (killed, "
@@ -160,7 +172,9 @@ def build(kibana_url: str) -> g.Dashboard:
         timeseries(
             grid,
             "Active tasks per worker",
-            [(f"sum by (hostname) ({selector(m.WORKER_TASKS_ACTIVE)})", "{{hostname}}")],
+            [(total(m.WORKER_TASKS_ACTIVE, ["hostname"]), "{{hostname}}")],
+            unit="short",
+            description="Tasks each worker is running now, from its heartbeats.",
             width=12,
             height=4,
         ),
@@ -169,29 +183,54 @@ def build(kibana_url: str) -> g.Dashboard:
             grid,
             "Broker connected",
             f"min({selector(m.EXPORTER_BROKER_CONNECTED)})",
+            unit="bool_yes_no",
+            description="Whether every exporter instance shown is connected to the broker (the "
+            "lowest of them).",
             thresholds=[{"color": "red", "value": None}, {"color": "green", "value": 1}],
         ),
-        stat(grid, "Events/s", rate(m.EXPORTER_EVENTS), unit="ops"),
+        stat(
+            grid,
+            "Events/s",
+            rate(m.EXPORTER_EVENTS),
+            unit="ops",
+            description="Events the exporter reads from the broker per second (replicas once).",
+        ),
         stat(
             grid,
             "Last event age",
             f"time() - max({selector(m.EXPORTER_LAST_EVENT)})",
             unit="s",
+            description="Time since the newest event any exporter instance read. Heartbeats "
+            "arrive every 2 s while a worker is up: a rising age means no events.",
             thresholds=[{"color": "green", "value": None}, {"color": "red", "value": 60}],
         ),
         stat(
             grid,
             "Malformed events",
-            f"sum(increase({selector(m.EXPORTER_MALFORMED)}[$__range])) or vector(0)",
+            f"{increase(m.EXPORTER_MALFORMED)} or vector(0)",
+            unit="short",
+            description="Events the exporter could not decode and skipped, over the time "
+            "range (its log names each kind once).",
         ),
         stat(
-            grid, "Evicted tasks", f"sum(increase({selector(m.EXPORTER_TASKS_EVICTED)}[$__range]))"
+            grid,
+            "Evicted tasks",
+            f"{increase(m.EXPORTER_TASKS_EVICTED)} or vector(0)",
+            unit="short",
+            description="Unfinished tasks dropped from the exporter's table when it was full "
+            "(--max-tracked-tasks), over the time range.",
         ),
-        stat(grid, "Reconnects", f"sum(increase({selector(m.EXPORTER_RECONNECTS)}[$__range]))"),
+        stat(
+            grid,
+            "Reconnects",
+            f"{increase(m.EXPORTER_RECONNECTS)} or vector(0)",
+            unit="short",
+            description="Times the exporter reconnected to the broker over the time range.",
+        ),
     ]
     return dashboard(
         "Celery overview",
-        "celery-overview",
+        OVERVIEW_UID,
         "Throughput, failures, latency, queues and workers of a Celery cluster (celery-obs).",
         panels,
         variables(kibana_url=kibana_url),

@@ -3,6 +3,12 @@
 Metric names come from the exporter's catalogue (`exporter.metrics`), never retyped here. Panels
 use the datasource through the `datasource` variable's uid, and every query is filtered by the
 `job`/`instance` (and where it applies `queue`/`task`) variables.
+
+High availability: two exporter replicas on one broker export the same numbers under two
+`instance` labels. Every aggregation first takes the max over the replica labels (`once()`), so
+"All" instances shows the cluster once, the same as either replica alone. Where the shared
+recording rules (celery_obs.rules.alerts) compute what a panel shows, the panel reads them: it
+then shows the very number the alerts fire on.
 """
 
 from __future__ import annotations
@@ -12,6 +18,10 @@ from collections.abc import Iterable, Sequence
 from grafanalib import core as g
 
 from celery_obs.exporter import metrics as m
+from celery_obs.rules import alerts as rules
+from celery_obs.rules.promql import DEDUP, OVERVIEW_UID, TASK_UID, WORKERS_UID
+
+UIDS = (OVERVIEW_UID, TASK_UID, WORKERS_UID)
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 SCHEMA_VERSION = 39
@@ -39,33 +49,53 @@ def selector(spec: m.MetricSpec, suffix: str = "", **fixed: str) -> str:
     return f"{spec.name}{suffix}{{{_matchers(spec.labels, fixed)}}}"
 
 
-def any_of(specs: Sequence[m.MetricSpec], **fixed: str) -> str:
-    """`{__name__=~"a|b",job=~"$job",...}`: several counters summed as one."""
-    names = "|".join(spec.name for spec in specs)
-    common = [label for label in specs[0].labels if all(label in s.labels for s in specs)]
-    return f'{{__name__=~"{names}",{_matchers(common, fixed)}}}'
+def recorded(rule: str) -> str:
+    """A shared recording rule's series. They keep job, name and queue_name (whichever the
+    name says) and have no replica labels, so `$instance` does not apply to them."""
+    kept = rule.split(":")[0]  # e.g. job_name_queue_name
+    matchers = [
+        f'{label}=~"${var}"'
+        for label, var in FILTERS.items()
+        if label != "instance" and label in kept
+    ]
+    return f"{rule}{{{','.join(matchers)}}}"
+
+
+def once(expr: str) -> str:
+    """`expr` with exporter replicas counted once (see the module docstring)."""
+    return f"{DEDUP} ({expr})"
+
+
+def _sum(expr: str, by: Sequence[str] = ()) -> str:
+    grouping = f" by ({', '.join(by)})" if by else ""
+    return f"sum{grouping} ({once(expr)})"
+
+
+def total(spec: m.MetricSpec, by: Sequence[str] = (), **fixed: str) -> str:
+    """A gauge summed over the cluster (replicas once)."""
+    return _sum(selector(spec, **fixed), by)
 
 
 def rate(spec: m.MetricSpec, by: Sequence[str] = (), **fixed: str) -> str:
-    grouping = f" by ({', '.join(by)})" if by else ""
-    return f"sum{grouping} (rate({selector(spec, **fixed)}[{RATE}]))"
+    return _sum(f"rate({selector(spec, **fixed)}[{RATE}])", by)
+
+
+def increase(spec: m.MetricSpec, by: Sequence[str] = (), **fixed: str) -> str:
+    """How much a counter grew over the dashboard's time range."""
+    return _sum(f"increase({selector(spec, **fixed)}[$__range])", by)
 
 
 def quantile(q: float, spec: m.MetricSpec, by: Sequence[str] = (), **fixed: str) -> str:
-    labels = ", ".join(["le", *by])
     inner = f"rate({selector(spec, '_bucket', **fixed)}[{RATE}])"
-    return f"histogram_quantile({q}, sum by ({labels}) ({inner}))"
+    return f"histogram_quantile({q}, {_sum(inner, ['le', *by])})"
 
 
-def finished_rate(by: Sequence[str] = (), **fixed: str) -> str:
-    both = any_of([m.TASK_COUNTERS["task-succeeded"], m.TASK_COUNTERS["task-failed"]], **fixed)
-    grouping = f" by ({', '.join(by)})" if by else ""
-    return f"sum{grouping} (rate({both}[{RATE}]))"
-
-
-def failure_percent(by: Sequence[str] = (), **fixed: str) -> str:
-    failed = rate(m.TASK_COUNTERS["task-failed"], by, **fixed)
-    return f"100 * ({failed}) / ({finished_rate(by, **fixed)} > 0)"
+def failure_percent() -> str:
+    """Failed / finished over 5 minutes, from the recording rules CeleryTaskFailureRateHigh
+    uses; 0 while tasks finish and none fails."""
+    failed = f"sum({recorded(rules.FAILED_RATE)})"
+    finished = f"sum({recorded(rules.FINISHED_RATE)})"
+    return f"100 * ({failed} or {finished} * 0) / ({finished} > 0)"
 
 
 class ExemplarTarget(g.Target):
@@ -142,10 +172,10 @@ def timeseries(
     grid: Grid,
     title: str,
     pairs: Iterable[tuple[str, str]],
-    unit: str = "",
+    unit: str,
+    description: str,
     width: int = 12,
     height: int = 8,
-    description: str = "",
     extra: dict | None = None,
     exemplars: bool = False,
 ) -> g.TimeSeries:
@@ -179,7 +209,8 @@ def queue_length(grid: Grid, width: int = 12, height: int = 8) -> g.TimeSeries:
     return timeseries(
         grid,
         "Queue length",
-        [(f"sum by (queue_name) ({selector(m.QUEUE_LENGTH)})", "{{queue_name}}")],
+        [(total(m.QUEUE_LENGTH, ["queue_name"]), "{{queue_name}}")],
+        unit="short",
         width=width,
         height=height,
         description="Messages waiting in each broker queue.",
@@ -190,10 +221,10 @@ def stat(
     grid: Grid,
     title: str,
     expr: str,
-    unit: str = "none",
+    unit: str,
+    description: str,
     width: int = 4,
     height: int = 4,
-    description: str = "",
     thresholds: list[dict] | None = None,
 ) -> g.Stat:
     return g.Stat(
@@ -215,9 +246,9 @@ def top_table(
     title: str,
     expr: str,
     label: str,
+    description: str,
     width: int = 12,
     height: int = 8,
-    description: str = "",
     links: list[dict] | None = None,
 ) -> g.Table:
     """An instant top-k table of one label and its count over the dashboard's time range."""
@@ -227,6 +258,7 @@ def top_table(
         targets=[target(expr, ref="A", instant=True)],
         gridPos=grid.pos(width, height),
         description=description,
+        unit="short",
         transformations=[
             {
                 "id": "organize",
@@ -346,6 +378,17 @@ def dashboard(
         uid=uid,
         description=description,
         tags=list(tags),
+        # The other celery-obs dashboards, keeping the time range and the variables.
+        links=[
+            g.DashboardLink(
+                title="Celery dashboards",
+                type="dashboards",
+                tags=["celery"],
+                asDropdown=True,
+                includeVars=True,
+                keepTime=True,
+            )
+        ],
         panels=panels,
         templating=templating,
         schemaVersion=SCHEMA_VERSION,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from grafanalib import core as g
 
 from celery_obs.exporter import metrics as m
+from celery_obs.rules.promql import TASK_UID
 
 from .overview import EXEMPLARS
 from .panels import (
@@ -12,6 +13,7 @@ from .panels import (
     Grid,
     dashboard,
     failure_percent,
+    increase,
     kibana_link,
     quantile,
     rate,
@@ -19,6 +21,7 @@ from .panels import (
     throughput,
     timeseries,
     top_table,
+    total,
     variables,
     with_links,
 )
@@ -35,7 +38,13 @@ def build(kibana_url: str) -> g.Dashboard:
         grid.row("$task"),
         throughput(grid),
         timeseries(
-            grid, "Failure rate", [(failure_percent(), "failed %")], unit="percent", width=8
+            grid,
+            "Failure rate",
+            [(failure_percent(), "failed %")],
+            unit="percent",
+            description="Failed / (succeeded + failed) over 5 minutes, from the recording "
+            "rules CeleryTaskFailureRateHigh alerts on.",
+            width=8,
         ),
         timeseries(
             grid,
@@ -43,7 +52,7 @@ def build(kibana_url: str) -> g.Dashboard:
             runtime,
             unit="s",
             width=8,
-            description=EXEMPLARS,
+            description=f"Execution time on the worker, by outcome. {EXEMPLARS}",
             exemplars=True,
         ),
         timeseries(
@@ -52,7 +61,8 @@ def build(kibana_url: str) -> g.Dashboard:
             [(quantile(q, m.TASK_QUEUE_WAIT), f"p{round(q * 100)}") for q in QUANTILES],
             unit="s",
             width=8,
-            description=EXEMPLARS,
+            description=f"From task-sent (else task-received) to task-started, minus ETA "
+            f"delays. {EXEMPLARS}",
             exemplars=True,
         ),
         timeseries(
@@ -61,16 +71,19 @@ def build(kibana_url: str) -> g.Dashboard:
             [(quantile(q, m.TASK_LATENCY), f"p{round(q * 100)}") for q in QUANTILES],
             unit="s",
             width=8,
-            description=EXEMPLARS,
+            description=f"From task-sent (else task-received) to success or failure. {EXEMPLARS}",
             exemplars=True,
         ),
         timeseries(
             grid,
             "Running and waiting now",
             [
-                (f"sum({selector(m.TASK_ACTIVE)})", "running"),
-                (f"sum({selector(m.TASK_WAITING)})", "waiting on a worker"),
+                (total(m.TASK_ACTIVE), "running"),
+                (total(m.TASK_WAITING), "waiting on a worker"),
             ],
+            unit="short",
+            description="Tasks started and not finished, and tasks a worker received "
+            "(prefetched) and has not started.",
             width=12,
         ),
         timeseries(
@@ -98,7 +111,7 @@ def build(kibana_url: str) -> g.Dashboard:
         top_table(
             grid,
             "Exceptions",
-            f"sum by (name, exception) (increase({selector(failed)}[$__range]))",
+            increase(failed, ["name", "exception"]),
             "exception",
             links=[kibana_link("name")],
             description="Failures by exception class over the dashboard's time range.",
@@ -112,12 +125,13 @@ def build(kibana_url: str) -> g.Dashboard:
                 (rate(m.TASK_COUNTERS["task-rejected"]), "rejected"),
             ],
             unit="ops",
+            description="Retries, revocations and rejections per second.",
             width=24,
         ),
     ]
     return dashboard(
         "Celery task drill-down",
-        "celery-task",
+        TASK_UID,
         "One Celery task: throughput, failures and exceptions, runtime, waits (celery-obs).",
         panels,
         variables(task_single=True, kibana_url=kibana_url),

@@ -5,18 +5,21 @@ from __future__ import annotations
 from grafanalib import core as g
 
 from celery_obs.exporter import metrics as m
+from celery_obs.rules.promql import WORKERS_UID
 
 from .panels import (
     DATASOURCE,
     Grid,
     dashboard,
-    quantile,
     queue_length,
     rate,
+    recorded,
+    rules,
     selector,
     target,
     targets,
     timeseries,
+    total,
     variables,
 )
 
@@ -49,13 +52,17 @@ def build(kibana_url: str) -> g.Dashboard:
                     },
                 }
             ],
+            # The values are states, named by the mappings: no unit to scale them by.
+            extraJson={"fieldConfig": {"defaults": {"unit": "none"}}},
             description="Up while heartbeats arrive; offline after a warm shutdown "
             "(worker-offline); lost when heartbeats stopped without one (killed, OOM, lost node).",
         ),
         timeseries(
             grid,
             "Active tasks",
-            [(f"sum by (hostname) ({selector(m.WORKER_TASKS_ACTIVE)})", "{{hostname}}")],
+            [(total(m.WORKER_TASKS_ACTIVE, ["hostname"]), "{{hostname}}")],
+            unit="short",
+            description="Tasks each worker is running now, from its heartbeats.",
             width=8,
         ),
         timeseries(
@@ -63,6 +70,7 @@ def build(kibana_url: str) -> g.Dashboard:
             "Processed per second",
             [(rate(m.WORKER_TASKS_PROCESSED, by=["hostname"]), "{{hostname}}")],
             unit="ops",
+            description="Tasks each worker finished per second (its heartbeats' processed count).",
             width=8,
         ),
         timeseries(
@@ -70,12 +78,14 @@ def build(kibana_url: str) -> g.Dashboard:
             "Heartbeat age",
             [(f"time() - max by (hostname) ({selector(m.WORKER_LAST_HEARTBEAT)})", "{{hostname}}")],
             unit="s",
+            description="Time since each worker's last heartbeat (every 2 s while it is up).",
             width=8,
         ),
         timeseries(
             grid,
             "Reserved (prefetched) tasks",
-            [(f"sum by (hostname) ({selector(m.WORKER_TASKS_RESERVED)})", "{{hostname}}")],
+            [(total(m.WORKER_TASKS_RESERVED, ["hostname"]), "{{hostname}}")],
+            unit="short",
             width=8,
             description="Tasks a worker received and has not started. Many on one worker "
             "while others idle: it prefetches behind long tasks (-O fair, prefetch 1).",
@@ -89,6 +99,7 @@ def build(kibana_url: str) -> g.Dashboard:
                     "{{hostname}}",
                 )
             ],
+            unit="short",
             width=8,
             description="The worker host's load average, from its heartbeats.",
         ),
@@ -102,6 +113,7 @@ def build(kibana_url: str) -> g.Dashboard:
             ],
             gridPos=grid.pos(8, 8),
             description="The Celery version (sw_ver) and OS each worker reports.",
+            unit="none",
             transformations=[
                 {
                     "id": "organize",
@@ -117,8 +129,11 @@ def build(kibana_url: str) -> g.Dashboard:
         timeseries(
             grid,
             "Queue wait p95",
-            [(quantile(0.95, m.TASK_QUEUE_WAIT, by=["queue_name"]), "{{queue_name}}")],
+            [(f"max by (queue_name) ({recorded(rules.QUEUE_WAIT_P95)})", "{{queue_name}}")],
             unit="s",
+            description="95th percentile of the time tasks of every name waited on each queue, "
+            "over 5 minutes: the recording rule CeleryQueueWaitHigh alerts on (the task "
+            "variable does not apply).",
             width=12,
         ),
         timeseries(
@@ -132,12 +147,14 @@ def build(kibana_url: str) -> g.Dashboard:
                 ),
             ],
             unit="ops",
+            description="Tasks published to (task-sent, needs task_send_sent_event) and "
+            "received from each queue per second.",
             width=24,
         ),
     ]
     return dashboard(
         "Celery workers and queues",
-        "celery-workers-queues",
+        WORKERS_UID,
         "Per-worker liveness and load, per-queue depth and wait (celery-obs).",
         panels,
         variables(kibana_url=kibana_url),

@@ -1,12 +1,14 @@
-"""Proven live: a real Prometheus scrapes the exporter watching real workers on Redis, loads our
-rules (alert durations shortened for the test), and every recording rule and dashboard panel
-returns data; a SIGKILLed worker drives CeleryWorkerDown to firing, a warm shutdown never even
-makes it pending; Prometheus negotiates OpenMetrics and stores the exemplars, whose task ids are
-the real ids of the tasks the test sent."""
+"""Proven live: a real Prometheus scrapes two exporter replicas (high availability, as the README
+recommends) watching real workers on Redis, loads our rules (alert durations shortened for the
+test), and every recording rule and dashboard panel returns data, the same with "All" instances
+as with one replica; a SIGKILLed worker drives CeleryWorkerDown to firing once, a warm shutdown
+never even makes it pending; Prometheus negotiates OpenMetrics and stores the exemplars, whose
+task ids are the real ids of the tasks the test sent."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import signal
@@ -41,7 +43,7 @@ VARIABLES = {
 
 
 class Prometheus:
-    def __init__(self, target: str, workdir: Path) -> None:
+    def __init__(self, targets: list[str], workdir: Path) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         rule_files = []
@@ -54,7 +56,7 @@ class Prometheus:
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": rule_files,
             "scrape_configs": [
-                {"job_name": "celery-exporter", "static_configs": [{"targets": [target]}]}
+                {"job_name": "celery-exporter", "static_configs": [{"targets": targets}]}
             ],
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -82,8 +84,9 @@ class Prometheus:
         assert data["status"] == "success", body
         return data["data"]
 
-    def query(self, expr: str) -> list:
-        return self.api("query", query=expr)["result"]
+    def query(self, expr: str, at: float | None = None) -> list:
+        params = {"query": expr} if at is None else {"query": expr, "time": str(at)}
+        return self.api("query", **params)["result"]
 
     def query_range(self, expr: str, seconds: float = 300) -> list:
         """As a Grafana time series panel asks: the last `seconds`, a point per second."""
@@ -106,8 +109,8 @@ def prometheus_for() -> Iterator:
     started: list[Prometheus] = []
     workdir = Path(tempfile.mkdtemp(prefix="celery-obs-prometheus-"))
 
-    def start(target: str) -> Prometheus:
-        prometheus = Prometheus(target, workdir)
+    def start(targets: list[str]) -> Prometheus:
+        prometheus = Prometheus(targets, workdir)
         started.append(prometheus)
         return prometheus
 
@@ -127,35 +130,77 @@ def recording_rules() -> list[dict]:
     ]
 
 
-def dashboard_queries() -> list[tuple[str, str, str, bool]]:
+def dashboard_queries(**chosen: str) -> list[tuple[str, str, str, bool]]:
     """(dashboard, panel title, expression with variables substituted, instant?) for every
-    target: tables ask for one instant, time series for a range."""
+    target: tables ask for one instant, time series for a range. `chosen` overrides variables
+    (`instance="host:port"`)."""
+    variables = {**VARIABLES, **{f"${name}": value for name, value in chosen.items()}}
     queries = []
     for path in sorted(DASHBOARDS.glob("*.json")):
         for panel in json.loads(path.read_text())["panels"]:
             for target in panel.get("targets", []):
                 expr = target["expr"]
-                for variable, value in VARIABLES.items():
+                for variable, value in variables.items():
                     expr = expr.replace(variable, value)
                 assert "$" not in expr, expr
                 queries.append((path.name, panel["title"], expr, bool(target.get("instant"))))
     return queries
 
 
+def values(result: list) -> dict[str, float]:
+    """An instant query's samples by their label set."""
+    return {json.dumps(s["metric"], sort_keys=True): float(s["value"][1]) for s in result}
+
+
+def assert_replicas_counted_once(prometheus: Prometheus, first: str, second: str) -> None:
+    """ "All" instances counts the cluster once: every panel, at one instant, shows what one
+    replica alone shows. The replicas' own numbers differ a little where a counter is seconds
+    old (Prometheus extrapolates a rate by when each target was scraped), so "All" must lie
+    between them: double counting gives their sum, about twice either."""
+    at = time.time() - 2  # both replicas scraped by then
+    every = dashboard_queries(__rate_interval="5m")
+    each = [
+        dashboard_queries(__rate_interval="5m", instance=re.escape(target).replace("\\", "\\\\"))
+        for target in (first, second)
+    ]
+    compared = 0
+    for (dashboard, title, expr, _), *alone in zip(every, *each, strict=True):
+        both = values(prometheus.query(expr, at))
+        one, other = (values(prometheus.query(q[2], at)) for q in alone)
+        where = f"{dashboard}: {title}: {expr}"
+        assert both.keys() == one.keys() | other.keys(), where
+        for series, value in both.items():
+            seen = [v for v in (one.get(series), other.get(series)) if v is not None]
+            if all(math.isnan(v) for v in seen):  # a quantile of nothing
+                assert math.isnan(value), (where, series, value)
+                continue
+            numbers = [v for v in seen if not math.isnan(v)]
+            low, high = min(numbers), max(numbers)
+            if "time()" in expr:  # an age: the replicas were scraped up to a second apart
+                assert low - 2.5 <= value <= high + 2.5, (where, series, value, low, high)
+            else:  # double counting would give about twice `high`
+                assert 0.75 * low <= value <= 1.25 * high + 1e-9, (where, series, value, one, other)
+            compared += 1
+    assert compared > 50
+
+
 def test_rules_and_dashboards_return_data_and_a_killed_worker_fires(
     redis_url, queue, start_exporter, start_worker, prometheus_for, tmp_path
 ):
+    # Two replicas on one broker, as the README recommends for high availability.
     exporter = start_exporter(redis_url, "--worker-timeout", "3")
+    replica = start_exporter(redis_url, "--worker-timeout", "3")
     worker = start_worker(redis_url, queue)
     scaled_in = start_worker(redis_url, queue, "scaled-in")
-    exporter.wait_value("celery_worker_up", 1, hostname=worker.hostname)
-    exporter.wait_value("celery_worker_up", 1, hostname=scaled_in.hostname)
-    prometheus = prometheus_for(f"127.0.0.1:{exporter.port}")
-
-    wait_for(lambda: prometheus.query('up{job="celery-exporter"} == 1'), 30, "a first scrape")
+    for each in (exporter, replica):
+        each.wait_value("celery_worker_up", 1, hostname=worker.hostname)
+        each.wait_value("celery_worker_up", 1, hostname=scaled_in.hostname)
+    first, second = f"127.0.0.1:{exporter.port}", f"127.0.0.1:{replica.port}"
 
     # rate() needs a counter to rise between scrapes: send in two rounds, the second after
-    # Prometheus has seen the first.
+    # Prometheus has seen the first. It starts scraping after the first round: each replica's
+    # series then start from the same values (a series' first value is not in its rate), so
+    # the replicas' panels can be compared.
     app = producer(redis_url, queue)
     sent_ids: set[str] = set()
     send = app.send_task
@@ -167,7 +212,9 @@ def test_rules_and_dashboards_return_data_and_a_killed_worker_fires(
 
     app.send_task = send_task  # type: ignore[method-assign]
     fail = {"name": "obs.fail_value", "queue_name": queue, "exception": "ValueError"}
-    for round_, (adds, fails) in enumerate([(10, 4), (20, 6)]):
+    failed = "celery_task_failed_total{" + ",".join(f'{k}="{v}"' for k, v in fail.items()) + "}"
+
+    def send_round(adds: int, fails: int, received: int) -> None:
         for i in range(adds):
             app.send_task("obs.add", (i, i))
         for _ in range(fails):
@@ -177,21 +224,18 @@ def test_rules_and_dashboards_return_data_and_a_killed_worker_fires(
         app.send_task("obs.reject")
         eta = app.send_task("obs.add", (0, 0), countdown=2)
         exporter.wait_value(
-            "celery_task_received_total",
-            11 if round_ == 0 else 32,
-            name="obs.add",
-            queue_name=queue,
+            "celery_task_received_total", received, name="obs.add", queue_name=queue
         )
         app.control.revoke(eta.id)
-        total = 4 if round_ == 0 else 10
-        selector = ",".join(f'{k}="{v}"' for k, v in fail.items())
-        wait_for(
-            lambda total=total, selector=selector: prometheus.query(
-                f"celery_task_failed_total{{{selector}}} == {total}"
-            ),
-            60,
-            f"{total} failures scraped",
-        )
+
+    send_round(10, 4, received=11)
+    for each in (exporter, replica):
+        each.wait_value("celery_task_failed_total", 4, **fail)
+    prometheus = prometheus_for([first, second])
+    wait_for(lambda: prometheus.query("count(up == 1) == 2"), 30, "first scrapes")
+    wait_for(lambda: prometheus.query(f"{failed} == 4"), 60, "4 failures scraped")
+    send_round(20, 6, received=32)
+    wait_for(lambda: prometheus.query(f"{failed} == 10"), 60, "10 failures scraped")
 
     # Every recording rule's expression returns data once Prometheus has a few scrapes.
     for rule in recording_rules():
@@ -203,7 +247,9 @@ def test_rules_and_dashboards_return_data_and_a_killed_worker_fires(
     ratio = prometheus.query(
         f'job_name_queue_name:celery_task_failure:ratio5m{{name="obs.fail_value",queue_name="{queue}"}}'
     )
-    assert [float(s["value"][1]) for s in ratio] == [1.0]
+    assert [float(s["value"][1]) for s in ratio] == [1.0]  # one series, not one per replica
+    workers_up = prometheus.query('job:celery_workers_up:sum{job="celery-exporter"}')
+    assert [float(s["value"][1]) for s in workers_up] == [2.0]  # two workers, not four
 
     # A scale-in: the worker shuts down warmly (worker-offline) and is down, not lost.
     scaled_in.signal(signal.SIGTERM)
@@ -248,6 +294,13 @@ def test_rules_and_dashboards_return_data_and_a_killed_worker_fires(
         )
 
     wait_for(firing, 60, "CeleryWorkerDown firing for the killed worker", interval=0.5)
+    # Once, though two replicas saw it: the alert takes the max over the replica labels.
+    [down] = [
+        a
+        for a in prometheus.api("alerts")["alerts"]
+        if a["labels"]["alertname"] == "CeleryWorkerDown"
+    ]
+    assert "instance" not in down["labels"]
     # The scaled-in worker has been down longer than the killed one: had the alert looked at
     # celery_worker_up, it would have fired for it first. ALERTS keeps every pending state.
     assert prometheus.query(f'ALERTS{{alertname="CeleryWorkerDown",{graceful}}}') == []
@@ -272,6 +325,8 @@ def test_rules_and_dashboards_return_data_and_a_killed_worker_fires(
     for dashboard, title, expr, instant in dashboard_queries():
         ask = prometheus.query if instant else prometheus.query_range
         wait_for(lambda expr=expr, ask=ask: ask(expr), 30, f"data for {dashboard}: {title}")
+
+    assert_replicas_counted_once(prometheus, first, second)
 
     # Prometheus scraped OpenMetrics and kept the exemplars: real ids of the tasks sent.
     assert prometheus.query('scrape_samples_scraped{job="celery-exporter"} > 0')
