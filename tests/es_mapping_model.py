@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from celery_obs.log_shipping import console
 from celery_obs.log_shipping.context import TaskContextFilter
 from celery_obs.log_shipping.formatter import EcsJsonFormatter
 from celery_obs.log_shipping.lifecycle import Lifecycle
@@ -58,6 +59,28 @@ def _traceback() -> Any:
         return exc.__traceback__
 
 
+def started_worker() -> SimpleNamespace:
+    """What Celery's Worker gives celeryd_after_setup, on a real app (nothing connects)."""
+    from celery import Celery
+
+    app = Celery("proj", broker="redis://:hunter2@broker:6379/0", backend="redis://broker/1")
+
+    @app.task(name="proj.send_email")
+    def send_email() -> None:
+        pass
+
+    app.conf.task_default_queue = "emails"
+    return SimpleNamespace(
+        app=app,
+        hostname="celery@worker-1",
+        pool_cls="prefork",
+        concurrency=4,
+        autoscale=None,
+        task_events=True,
+        quiet=False,
+    )
+
+
 def lifecycle_records() -> list[dict[str, Any]]:
     """Every lifecycle step, arguments on, through the real formatter and filter."""
     stream = io.StringIO()
@@ -66,8 +89,9 @@ def lifecycle_records() -> list[dict[str, Any]]:
     handler.addFilter(TaskContextFilter())
     lifecycle_logger = logging.getLogger("celery_obs.lifecycle")
     task_logger = logging.getLogger("tests.stack_setup.task")
-    saved = [(lg, lg.level, lg.propagate) for lg in (lifecycle_logger, task_logger)]
-    for lg in (lifecycle_logger, task_logger):
+    loggers = (lifecycle_logger, task_logger, console.logger)
+    saved = [(lg, lg.level, lg.propagate) for lg in loggers]
+    for lg in loggers:
         lg.addHandler(handler)
         lg.setLevel(logging.DEBUG)
         lg.propagate = False
@@ -80,6 +104,8 @@ def lifecycle_records() -> list[dict[str, Any]]:
         retries=2,
         root_id="root-1",
         parent_id="parent-1",
+        group="group-1",
+        chord={"task": "proj.callback", "options": {"task_id": "callback-1"}},
         eta=datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=timezone.utc),
         hostname="celery@worker-1",
         args=[1, "two", 3.5, None, True, {"nested": {"deep": [1, "x"]}}, [4, [5, 6]], "x" * 300],
@@ -136,6 +162,7 @@ def lifecycle_records() -> list[dict[str, Any]]:
             task=SimpleNamespace(name="proj.later", request=string_eta),
         )
         task_logger.warning("user labels", extra={"ecs": {"labels": {"a": 1, "b": "x", "c": True}}})
+        console.on_after_setup(instance=started_worker())
     finally:
         lifecycle.on_postrun()  # the task context is per thread: leave none behind
         for lg, level, propagate in saved:

@@ -6,6 +6,7 @@ import os
 import time
 
 from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 
 from celery_obs import log_shipping
@@ -46,6 +47,19 @@ def retry_once(self):
 
 @app.task(name="logs.sleep", time_limit=1)
 def sleep(seconds):
+    time.sleep(seconds)
+
+
+@app.task(name="logs.soft_limit", soft_time_limit=0.5)
+def soft_limit():
+    try:
+        time.sleep(10)
+    except SoftTimeLimitExceeded:
+        return "stopped at the soft limit"
+
+
+@app.task(name="logs.long")
+def long(seconds):
     time.sleep(seconds)
 
 

@@ -88,16 +88,28 @@ class Process:
     """A child process whose output goes to a temp file, stopped on close."""
 
     def __init__(
-        self, args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        split_stderr: bool = False,
     ) -> None:
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the process
             prefix="celery-obs-test-", suffix=".log", delete=False
+        )
+        #: With split_stderr, stderr goes here (`errors()`), and `output()` is stdout alone.
+        self.err = (
+            tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the process
+                prefix="celery-obs-test-", suffix=".err", delete=False
+            )
+            if split_stderr
+            else None
         )
         self.args = args
         self.proc = subprocess.Popen(
             args,
             stdout=self.log,
-            stderr=subprocess.STDOUT,
+            stderr=self.err if self.err is not None else subprocess.STDOUT,
             cwd=cwd,
             env={**os.environ, **(env or {})},
             start_new_session=True,
@@ -105,6 +117,10 @@ class Process:
 
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
+
+    def errors(self) -> str:
+        assert self.err is not None, "started without split_stderr"
+        return Path(self.err.name).read_text(errors="replace")
 
     def signal(self, signum: int) -> None:
         if self.proc.poll() is None:
@@ -121,9 +137,10 @@ class Process:
             except subprocess.TimeoutExpired:
                 self.signal(signal.SIGKILL)
                 self.proc.wait(5)
-        if not self.log.closed:  # close() may be called again (a test, then its fixture)
-            self.log.close()
-            os.unlink(self.log.name)
+        for log in (self.log, self.err):
+            if log is not None and not log.closed:  # close() may be called again
+                log.close()
+                os.unlink(log.name)
 
 
 class ExporterProcess(Process):
@@ -192,6 +209,7 @@ class WorkerProcess(Process):
         quiet: bool = False,
         pool: str = "prefork",
         concurrency: int = 2,
+        split_stderr: bool = False,
     ) -> None:
         self.hostname = f"{name}@{socket.gethostname()}"
         super().__init__(
@@ -224,6 +242,7 @@ class WorkerProcess(Process):
                 **(env or {}),
             },
             cwd=TESTS,
+            split_stderr=split_stderr,
         )
 
 

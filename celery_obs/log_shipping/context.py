@@ -4,6 +4,8 @@ A context variable (per thread, so the threads pool works too) is set on task_pr
 restored on task_postrun; a logging filter copies it onto each record, whoever logged it:
 `get_task_logger`, plain `logging`, or `print` redirected by Celery. Restored, not cleared: a
 task run eagerly inside another (`.apply()`) hands the outer task's context back when it ends.
+A line of Celery's own that names a task (task_lines.py) carries that task instead: the main
+process logs about tasks while none runs in it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from contextvars import ContextVar, Token
 from typing import Any
 
 from .formatter import TASK_ATTR
+from .task_lines import task_named_by
 
 current_task: ContextVar[dict[str, Any] | None] = ContextVar("celery_obs_task", default=None)
 
@@ -37,7 +40,13 @@ def leave(token: Token[dict[str, Any] | None] | None) -> None:
 
 class TaskContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        task = current_task.get()
-        if task is not None and not hasattr(record, TASK_ATTR):
+        if hasattr(record, TASK_ATTR):
+            return True
+        task = None
+        if record.name.startswith("celery.") and not record.name.startswith("celery.task"):
+            task = task_named_by(record)
+        if task is None:
+            task = current_task.get()
+        if task is not None:
             setattr(record, TASK_ATTR, task)
         return True

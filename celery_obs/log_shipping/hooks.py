@@ -2,9 +2,12 @@
 
 Celery configures the worker's loggers itself (root and `celery.task`, hijacked or not); once it
 has, the `after_setup_logger` / `after_setup_task_logger` signals hand us each logger and we put
-the ECS JSON formatter and the task-context filter on its handlers (adding one on the chosen
-output if it has none). So Celery's own lines, task loggers, plain `logging` and redirected
-`print` all come out as JSON. Network outputs (Logstash, Elasticsearch) get a shipping handler
+the ECS JSON formatter and the task-context filter on its handlers. Celery's console handler
+(stderr, when there is no `--logfile`) gives way to the chosen local outputs (`stdout` by
+default), which are also added to loggers that have no handler; a `--logfile` handler stays.
+So Celery's own lines, task loggers, plain `logging` and redirected `print` all come out as
+JSON, and console.py turns the banner and the shutdown notices into JSON records too.
+Network outputs (Logstash, Elasticsearch) get a shipping handler
 on the same loggers. Every option is also a `celery_obs_log_*` setting and a `CELERY_OBS_LOG_*`
 environment variable, so a deployment can change them without code.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +25,7 @@ from celery import Celery, signals
 from celery.utils.log import get_multiprocessing_logger
 
 from ..settings import Setting, SettingTable, csv, parse_bool, positive
-from . import outputs
+from . import console, outputs
 from .context import TaskContextFilter
 from .formatter import EcsJsonFormatter
 from .lifecycle import Lifecycle
@@ -165,6 +169,16 @@ def config_from_app(app: Celery | None, base: LogConfig) -> LogConfig:
     return _with(base, values)
 
 
+def _is_celery_console(handler: logging.Handler) -> bool:
+    """The handler Celery puts on its loggers when there is no --logfile: a plain
+    StreamHandler on stderr (ours are marked; a --logfile handler is a file handler)."""
+    return (
+        type(handler) is logging.StreamHandler
+        and not getattr(handler, "celery_obs_local", False)
+        and handler.stream in (sys.__stderr__, sys.stderr)
+    )
+
+
 class JsonLogging:
     """Applies the formatter and filter to whatever loggers Celery sets up, and attaches the
     network shippers (one per network output, shared by every logger) to them."""
@@ -186,9 +200,16 @@ class JsonLogging:
                 self.shippers.append(shipper)
 
     def apply(self, logger: logging.Logger, **_: Any) -> None:
-        if not logger.handlers:
+        if self.local:
+            for handler in [h for h in logger.handlers if _is_celery_console(h)]:
+                logger.removeHandler(handler)
+        # Celery's loggers also hold a NullHandler (it keeps logging from printing "no handlers
+        # could be found"): it writes nothing, so such a logger has no output yet.
+        if all(isinstance(h, logging.NullHandler) for h in logger.handlers):
             for spec in self.local:
-                logger.addHandler(outputs.make_local_handler(spec, self.config))
+                handler = outputs.make_local_handler(spec, self.config)
+                handler.celery_obs_local = True  # type: ignore[attr-defined]
+                logger.addHandler(handler)
         for handler in logger.handlers:
             if isinstance(handler, ShippingHandler):
                 continue
@@ -218,6 +239,7 @@ class JsonLogging:
             shipper.close()
 
     def connect(self) -> None:
+        console.connect(self.formatter)
         signals.after_setup_logger.connect(self.apply_root, weak=False)
         signals.after_setup_task_logger.connect(self.apply, weak=False)
         # Pool children leave through os._exit: no atexit, so logging.shutdown never runs.

@@ -1,11 +1,11 @@
 """One structured log record per task lifecycle step, from Celery's signals.
 
 task_prerun / task_success / task_failure / task_retry fire in the process that runs the task
-(a prefork pool child); task_revoked, task_rejected, task_unknown and the failure a hard time
-limit reports fire in the worker's main process. A hard time limit can send task_failure twice
-for one task, so failures are reported once per task id (a small memory of recent ones).
-The task context (context.py) is restored on task_postrun to what it was before task_prerun,
-so a task applied eagerly inside another leaves the outer one's context in place.
+(a prefork pool child); task_received, task_revoked, task_rejected, task_unknown and the
+failure a hard time limit reports fire in the worker's main process. A hard time limit can send
+task_failure twice for one task, so failures are reported once per task id (a small memory of
+recent ones). The task context (context.py) is restored on task_postrun to what it was before
+task_prerun, so a task applied eagerly inside another leaves the outer one's context in place.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 from celery import signals
 
+from . import task_lines
 from .context import enter, leave
 from .formatter import ECS_ATTR, REDACTED_ATTR
 from .redact import Redactor
@@ -47,6 +48,7 @@ class Lifecycle:
 
     def connect(self) -> None:
         for signal, handler in (
+            (signals.task_received, self.on_received),
             (signals.task_prerun, self.on_prerun),
             (signals.task_postrun, self.on_postrun),
             (signals.task_success, self.on_success),
@@ -124,6 +126,16 @@ class Lifecycle:
                 value = getattr(request, attr, None)
                 if value is not None:
                     fields[attr] = value
+            # A group's (and a chord header's) members share the group id; a chord header
+            # member also knows the callback that runs after the whole header.
+            group = getattr(request, "group", None)
+            if isinstance(group, str) and group:
+                fields["group_id"] = group
+            chord = getattr(request, "chord", None)
+            if isinstance(chord, dict):
+                callback = (chord.get("options") or {}).get("task_id")
+                if isinstance(callback, str) and callback:
+                    fields["chord_callback_id"] = callback
             eta = getattr(request, "eta", None)
             if eta:
                 fields["eta"] = eta if isinstance(eta, str) else eta.isoformat()
@@ -141,6 +153,17 @@ class Lifecycle:
         return None if started is None else time.monotonic_ns() - started
 
     # -- signal handlers ----------------------------------------------------------------------
+
+    def on_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
+        """The worker took the message (main process): with task-started, the queue wait."""
+        task_id, name = getattr(request, "id", None), getattr(request, "name", None)
+        if isinstance(task_id, str) and isinstance(name, str):
+            task_lines.remember(task_id, name)
+        task = getattr(request, "task", None)
+        fields = self._task_fields(task_id, name, request, "RECEIVED", task)
+        self._emit(
+            self.level, f"Task {name}[{task_id}] received", "task-received", "unknown", fields
+        )
 
     def on_prerun(
         self, sender: Any = None, task_id: str | None = None, task: Any = None, **_: Any

@@ -1,0 +1,81 @@
+"""Which task a line of Celery's own names, for lines written outside any task's context.
+
+The worker's main process logs many lines about one task ("Task X[id] received", time-limit
+warnings, "Discarding revoked task: X[id]", "Terminating id (15)") while no task runs in it, so
+the task context (context.py) cannot tell. Celery passes some lines' context as
+`extra={"data": {"id": ..., "name": ...}}`; the others name the task in their arguments, in a
+few documented formats: `%s[%s]` (name, id), or the id alone in the control commands' lines,
+whose name we remember from when the worker received the task. Only ids and names are taken,
+never the arguments' repr.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from functools import lru_cache
+from typing import Any
+
+#: A %-conversion of the printf-style format strings logging uses (`%%` is not one).
+_CONVERSION = re.compile(r"%(?:\([^)]*\))?[#0 +-]*(?:\*|\d+)?(?:\.(?:\*|\d+))?[diouxXeEfFgGcrsa]")
+_NAME_ID = "%s[%s]"
+#: Lines of celery.worker.control whose first argument is a task id.
+_ID_FIRST = frozenset({"Terminating %s (%s)", "Failed to mark task %s as revoked in backend: %s"})
+#: Its argument is the revoked ids, comma separated: about one task when there is one.
+_REVOKED_IDS = "Tasks flagged as revoked: %s"
+
+
+@lru_cache(maxsize=512)
+def _name_id_position(msg: str) -> int | None:
+    """Index in the arguments of the name in `...%s[%s]...`, or None."""
+    at = msg.find(_NAME_ID)
+    if at < 0:
+        return None
+    return len(_CONVERSION.findall(msg[:at].replace("%%", "")))
+
+
+#: Task id -> name of the tasks this process received lately (lifecycle.on_received): the
+#: control commands' lines name only the id, of a task running, prefetched or waiting for its
+#: ETA here.
+_RECEIVED: OrderedDict[str, str] = OrderedDict()
+_RECEIVED_MAX = 10_000
+
+
+def remember(task_id: str, name: str) -> None:
+    _RECEIVED[task_id] = name
+    if len(_RECEIVED) > _RECEIVED_MAX:
+        _RECEIVED.popitem(last=False)
+
+
+def _name_of(task_id: str) -> str | None:
+    return _RECEIVED.get(task_id)
+
+
+def _task(task_id: Any, name: Any) -> dict[str, Any] | None:
+    if not isinstance(task_id, str) or not task_id:
+        return None
+    task: dict[str, Any] = {"id": task_id}
+    name = name if isinstance(name, str) and name else _name_of(task_id)
+    if name:
+        task["name"] = name
+    return task
+
+
+def task_named_by(record: logging.LogRecord) -> dict[str, Any] | None:
+    """{"id": ..., "name": ...} of the task a Celery log line is about, or None."""
+    data = getattr(record, "data", None)
+    if isinstance(data, dict) and "id" in data:
+        return _task(data.get("id"), data.get("name"))
+    msg, args = record.msg, record.args
+    if not isinstance(msg, str) or not isinstance(args, tuple) or not args:
+        return None
+    if msg in _ID_FIRST:
+        return _task(args[0], None)
+    if msg == _REVOKED_IDS:
+        ids = str(args[0])
+        return None if "," in ids else _task(ids.strip(), None)
+    position = _name_id_position(msg)
+    if position is not None and len(args) > position + 1:
+        return _task(str(args[position + 1]), str(args[position]))
+    return None
