@@ -59,6 +59,14 @@ def _traceback() -> Any:
         return exc.__traceback__
 
 
+def traced(logger: logging.Logger) -> None:
+    """A record logged inside an OpenTelemetry span (trace.id, span.id, transaction.id)."""
+    from opentelemetry.sdk.trace import TracerProvider
+
+    with TracerProvider().get_tracer("tests").start_as_current_span("task"):
+        logger.info("inside a traced task")
+
+
 def started_worker() -> SimpleNamespace:
     """What Celery's Worker gives celeryd_after_setup, on a real app (nothing connects)."""
     from celery import Celery
@@ -122,6 +130,9 @@ def lifecycle_records() -> list[dict[str, Any]]:
     string_eta = SimpleNamespace(**{**vars(request), "id": "t-7", "eta": "2024-05-01T12:00:00"})
     lifecycle = Lifecycle(Redactor())
     try:
+        lifecycle.on_received(
+            request=SimpleNamespace(**{**vars(request), "id": "t-1", "name": "proj.send_email"})
+        )
         lifecycle.on_prerun(sender=task, task_id="t-1", task=task)
         task_logger.info("inside the task")
         try:
@@ -163,6 +174,7 @@ def lifecycle_records() -> list[dict[str, Any]]:
         )
         task_logger.warning("user labels", extra={"ecs": {"labels": {"a": 1, "b": "x", "c": True}}})
         console.on_after_setup(instance=started_worker())
+        traced(task_logger)
     finally:
         lifecycle.on_postrun()  # the task context is per thread: leave none behind
         for lg, level, propagate in saved:

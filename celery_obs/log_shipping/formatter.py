@@ -4,7 +4,8 @@ Field layout follows Elastic's ecs-logging libraries: `@timestamp` (UTC, millise
 `log.level`, `message` and `ecs.version` come first as dotted keys, everything else is nested
 (`log.logger`, `service.name`, `host.hostname`, `process.pid`, `error.*`, `celery.task.*`).
 Structured fields reach a record through `extra={"ecs": {...}}` (nested dicts, merged) and the
-current task's id and name through `context.TaskContextFilter`. Other `extra={...}` fields are
+current task's id and name through `context.TaskContextFilter`; OpenTelemetry's trace and span
+ids, when a span is active, through `tracing.trace_fields`. Other `extra={...}` fields are
 kept at the top level (merged the same way; ECS fields win on a clash).
 
 Secrets never leave: the message (its arguments included), the exception's message and the
@@ -27,6 +28,7 @@ from pythonjsonlogger.core import RESERVED_ATTRS, merge_record_extra
 from pythonjsonlogger.json import JsonFormatter
 
 from .redact import Redactor
+from .tracing import trace_fields
 
 try:  # python-json-logger's orjson variant serialises several times faster
     from pythonjsonlogger.orjson import OrjsonFormatter as _Base
@@ -193,6 +195,9 @@ class EcsJsonFormatter(_Base):
         task = getattr(record, TASK_ATTR, None)
         if task:
             merge(log_data, {"celery": {"task": dict(task)}})
+        traced = trace_fields()
+        if traced:
+            merge(log_data, traced)
         ecs = getattr(record, ECS_ATTR, None)
         if isinstance(ecs, dict):
             merge(log_data, ecs if getattr(record, REDACTED_ATTR, False) else fields(ecs))

@@ -46,8 +46,8 @@ class Lifecycle:
         self._tokens: _Recent = _Recent()  # task id -> the token restoring the outer context
         self._params: dict[str, tuple[str, ...]] = {}  # task name -> positional parameter names
 
-    def connect(self) -> None:
-        for signal, handler in (
+    def _receivers(self) -> list[tuple[Any, Any]]:
+        return [
             (signals.task_received, self.on_received),
             (signals.task_prerun, self.on_prerun),
             (signals.task_postrun, self.on_postrun),
@@ -58,8 +58,15 @@ class Lifecycle:
             (signals.task_rejected, self.on_rejected),
             (signals.task_unknown, self.on_unknown),
             (signals.task_internal_error, self.on_internal_error),
-        ):
+        ]
+
+    def connect(self) -> None:
+        for signal, handler in self._receivers():
             signal.connect(handler, weak=False)
+
+    def disconnect(self) -> None:
+        for signal, handler in self._receivers():
+            signal.disconnect(handler)
 
     # -- record building ----------------------------------------------------------------------
 

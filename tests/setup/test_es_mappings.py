@@ -63,9 +63,17 @@ def test_every_field_log_shipping_writes_has_a_compatible_mapping(records) -> No
         "labels.log_records_dropped",
         "labels.log_records_rejected",
         "process.thread.id",
+        "trace.id",
+        "span.id",
+        "transaction.id",
+        "celery.task.group_id",
+        "celery.task.chord_callback_id",
+        "celery.worker.concurrency.processes",
     } <= seen
     actions = {r.get("event", {}).get("action") for r in records}
     assert {
+        "worker-started",
+        "task-received",
         "task-started",
         "task-succeeded",
         "task-failed",
