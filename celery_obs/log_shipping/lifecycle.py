@@ -17,6 +17,7 @@ from collections import OrderedDict
 from typing import Any
 
 from celery import signals
+from celery.exceptions import TimeLimitExceeded
 
 from . import task_lines
 from .context import enter, leave
@@ -35,6 +36,18 @@ class _Recent(OrderedDict):
         self[key] = value
         if len(self) > _RECENT:
             self.popitem(last=False)
+
+
+def _time_limit_ns(exception: Any) -> int | None:
+    """A hard time limit's failure is reported by the main process, which did not see the task
+    start; the pool kills it when the limit has run out since it started, so its runtime is
+    the limit (TimeLimitExceeded's argument, in seconds)."""
+    if not isinstance(exception, TimeLimitExceeded) or not exception.args:
+        return None
+    limit = exception.args[0]
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+        return None
+    return int(limit * 1e9)
 
 
 class Lifecycle:
@@ -133,6 +146,10 @@ class Lifecycle:
                 value = getattr(request, attr, None)
                 if value is not None:
                     fields[attr] = value
+            if fields.get("parent_id") == task_id:
+                # A retry is sent from inside the attempt, so Celery makes a task without a
+                # parent its own parent: no task is its own parent.
+                del fields["parent_id"]
             # A group's (and a chord header's) members share the group id; a chord header
             # member also knows the callback that runs after the whole header.
             group = getattr(request, "group", None)
@@ -224,6 +241,8 @@ class Lifecycle:
         name = getattr(sender, "name", None)
         fields = self._task_fields(task_id, name, request, "FAILURE", sender)
         duration = self._duration(task_id)
+        if duration is None:
+            duration = _time_limit_ns(exception)
         if duration is not None:
             fields["runtime"] = duration / 1e9
         exc_info = (type(exception), exception, getattr(einfo, "tb", None)) if exception else None

@@ -227,6 +227,13 @@ def test_real_prefork_worker_logs_every_step_as_json(redis_url, queue, hijack) -
         assert failed["event"]["outcome"] == "failure"
         limit = by_action[(ids["sleep"], "task-failed")]
         assert limit["error"]["type"] == "TimeLimitExceeded"
+        # Reported by the main process, which did not see it start: it ran for its limit.
+        assert limit["celery"]["task"]["runtime"] == 1.0
+        assert limit["event"]["duration"] == 1_000_000_000
+        # The retried attempt was sent from inside the first: still not its own parent.
+        retried = by_action[(ids["retry"], "task-succeeded")]["celery"]["task"]
+        assert retried["retries"] == 1
+        assert "parent_id" not in retried
         assert by_action[(ids["unknown"], "task-unknown")]["celery"]["task"]["name"] == (
             "logs.no_such_task"
         )
