@@ -143,3 +143,49 @@ def test_braces_balance(section: str) -> None:
     masked = _masked(_without_comments(PIPELINE.read_text()))
     assert masked.count("{") == masked.count("}")
     assert blocks(section)
+
+
+# -- the Filebeat example: container stdout into the beats input -----------------------------
+
+FILEBEAT = ROOT / "logstash/filebeat/filebeat.yml"
+#: Option names from Filebeat 8's reference (filestream input, container parser, processors,
+#: Logstash output): a misspelt option is ignored by Filebeat, so it must fail here.
+FILEBEAT_TOP = {"filebeat.inputs", "output.logstash", "processors", "logging.level"}
+FILESTREAM = {"type", "id", "paths", "prospector.scanner.symlinks", "parsers", "processors"}
+CONTAINER_PARSER = {"stream", "format"}
+LOGSTASH_OUTPUT = {"hosts", "loadbalance", "ssl.enabled", "ssl.certificate_authorities"}
+
+
+def test_the_filebeat_example_ships_worker_stdout_to_the_beats_input() -> None:
+    config = yaml.safe_load(FILEBEAT.read_text())
+    assert set(config) <= FILEBEAT_TOP
+    [stream] = config["filebeat.inputs"]
+    assert set(stream) <= FILESTREAM
+    assert stream["type"] == "filestream"
+    assert stream["id"]
+    assert stream["paths"]
+    assert stream["prospector.scanner.symlinks"] is True
+    [parser] = stream["parsers"]
+    assert set(parser) == {"container"}  # no ndjson parser: the pipeline decodes `message`
+    assert set(parser["container"]) <= CONTAINER_PARSER
+    assert parser["container"]["stream"] == "stdout"  # where log_shipping writes by default
+    assert set(config["output.logstash"]) <= LOGSTASH_OUTPUT
+    [host] = config["output.logstash"]["hosts"]
+    assert host.endswith(f":{LOGSTASH_PORTS['beats']}}}")  # ${LOGSTASH_HOSTS:logstash:5044}
+    beats = settings(blocks("input")["beats"])
+    assert beats["port"] == str(LOGSTASH_PORTS["beats"])
+    assert '"[@metadata][celery_input]" => "beats"' in blocks("input")["beats"]
+
+
+def test_the_filebeat_example_keeps_records_and_drops_plain_lines() -> None:
+    import json as json_module
+
+    config = yaml.safe_load(FILEBEAT.read_text())
+    [stream] = config["filebeat.inputs"]
+    [drop] = [p["drop_event"] for p in stream["processors"] if "drop_event" in p]
+    pattern = re.compile(drop["when"]["not"]["regexp"]["message"])
+    from es_mapping_model import lifecycle_records
+
+    for record in lifecycle_records():
+        assert pattern.match(json_module.dumps(record, separators=(",", ":")))
+    assert not pattern.match("[2026-12-05 21:00:00,000: INFO/MainProcess] Connected to redis://")
