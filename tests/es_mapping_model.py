@@ -8,6 +8,7 @@ Run it to look at the records: python tests/es_mapping_model.py
 from __future__ import annotations
 
 import fnmatch
+import functools
 import io
 import json
 import logging
@@ -16,6 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+from celery.app.trace import LOG_RECEIVED
 
 from celery_obs.log_shipping import console
 from celery_obs.log_shipping.context import TaskContextFilter
@@ -67,8 +70,9 @@ def traced(logger: logging.Logger) -> None:
         logger.info("inside a traced task")
 
 
-def started_worker() -> SimpleNamespace:
-    """What Celery's Worker gives celeryd_after_setup, on a real app (nothing connects)."""
+@functools.lru_cache(maxsize=1)
+def _started_app() -> Any:
+    """One app per session: Celery warns (an error here) when a task name is registered again."""
     from celery import Celery
 
     app = Celery("proj", broker="redis://:hunter2@broker:6379/0", backend="redis://broker/1")
@@ -78,6 +82,12 @@ def started_worker() -> SimpleNamespace:
         pass
 
     app.conf.task_default_queue = "emails"
+    return app
+
+
+def started_worker() -> SimpleNamespace:
+    """What Celery's Worker gives celeryd_after_setup, on a real app (nothing connects)."""
+    app = _started_app()
     return SimpleNamespace(
         app=app,
         hostname="celery@worker-1",
@@ -97,7 +107,8 @@ def lifecycle_records() -> list[dict[str, Any]]:
     handler.addFilter(TaskContextFilter())
     lifecycle_logger = logging.getLogger("celery_obs.lifecycle")
     task_logger = logging.getLogger("tests.stack_setup.task")
-    loggers = (lifecycle_logger, task_logger, console.logger)
+    strategy_logger = logging.getLogger("celery.worker.strategy")
+    loggers = (lifecycle_logger, task_logger, console.logger, strategy_logger)
     saved = [(lg, lg.level, lg.propagate) for lg in loggers]
     for lg in loggers:
         lg.addHandler(handler)
@@ -130,9 +141,8 @@ def lifecycle_records() -> list[dict[str, Any]]:
     string_eta = SimpleNamespace(**{**vars(request), "id": "t-7", "eta": "2024-05-01T12:00:00"})
     lifecycle = Lifecycle(Redactor())
     try:
-        lifecycle.on_received(
-            request=SimpleNamespace(**{**vars(request), "id": "t-1", "name": "proj.send_email"})
-        )
+        received = {"id": "t-1", "name": "proj.send_email", "args": "(1,)", "kwargs": "{}"}
+        strategy_logger.info(LOG_RECEIVED, received, extra={"data": received})
         lifecycle.on_prerun(sender=task, task_id="t-1", task=task)
         task_logger.info("inside the task")
         try:

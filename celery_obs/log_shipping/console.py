@@ -22,6 +22,7 @@ import logging
 import os
 import platform
 import sys
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import celery
@@ -48,12 +49,14 @@ def _concurrency(worker: Any) -> dict[str, Any]:
     return {"processes": getattr(worker, "concurrency", None)}
 
 
-def _uri(thing: Any) -> str | None:
-    """A connection's or result backend's URI without its password (kombu and Celery mask it
-    by default; the formatter scrubs credentials by shape on top)."""
+def _uri(make: Callable[[], Any]) -> str | None:
+    """The URI of a connection or result backend `make` builds, without its password (kombu
+    and Celery mask it; the formatter scrubs credentials by shape on top). Building it may
+    fail (a backend whose client library is missing): the worker runs on, so does the record,
+    without the field."""
     try:
-        return str(thing.as_uri())
-    except Exception:  # a backend without a URI, or a broken URL: leave the field out
+        return str(make().as_uri())
+    except Exception:
         return None
 
 
@@ -74,8 +77,8 @@ def started_fields(worker: Any) -> dict[str, Any]:
                 "events": bool(getattr(worker, "task_events", False)),
             },
             "app": app.main or "__main__",
-            "broker": {"transport": _uri(app.connection())},
-            "result_backend": _uri(app.backend),
+            "broker": {"transport": _uri(app.connection)},
+            "result_backend": _uri(lambda: app.backend),
             "tasks": tasks,
         },
         "host": {"os": {"full": platform.platform()}},

@@ -14,8 +14,8 @@ import logging
 from contextvars import ContextVar, Token
 from typing import Any
 
-from .formatter import TASK_ATTR
-from .task_lines import task_named_by
+from .formatter import ECS_ATTR, TASK_ATTR
+from .task_lines import event_of, task_named_by
 
 current_task: ContextVar[dict[str, Any] | None] = ContextVar("celery_obs_task", default=None)
 
@@ -45,6 +45,9 @@ class TaskContextFilter(logging.Filter):
         task = None
         if record.name.startswith("celery.") and not record.name.startswith("celery.task"):
             task = task_named_by(record)
+            event = event_of(record) if task is not None else None
+            if event is not None and not hasattr(record, ECS_ATTR):
+                setattr(record, ECS_ATTR, {"event": dict(event)})
         if task is None:
             task = current_task.get()
         if task is not None:

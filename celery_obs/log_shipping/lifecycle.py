@@ -1,8 +1,10 @@
 """One structured log record per task lifecycle step, from Celery's signals.
 
 task_prerun / task_success / task_failure / task_retry fire in the process that runs the task
-(a prefork pool child); task_received, task_revoked, task_rejected, task_unknown and the
-failure a hard time limit reports fire in the worker's main process. A hard time limit can send
+(a prefork pool child); task_revoked, task_rejected, task_unknown and the failure a hard time
+limit reports fire in the worker's main process. Receiving a task is Celery's own line, made a
+record by task_lines (a second record per task would cost the main process, the prefork
+worker's bottleneck, a tenth of its throughput). A hard time limit can send
 task_failure twice for one task, so failures are reported once per task id (a small memory of
 recent ones). The task context (context.py) is restored on task_postrun to what it was before
 task_prerun, so a task applied eagerly inside another leaves the outer one's context in place.
@@ -179,15 +181,12 @@ class Lifecycle:
     # -- signal handlers ----------------------------------------------------------------------
 
     def on_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
-        """The worker took the message (main process): with task-started, the queue wait."""
+        """The worker took the message (main process). Celery logs that itself, and
+        task_lines makes its line the `task-received` record; remembered here so that the
+        control commands' lines, which name only the id, get the name too."""
         task_id, name = getattr(request, "id", None), getattr(request, "name", None)
         if isinstance(task_id, str) and isinstance(name, str):
             task_lines.remember(task_id, name)
-        task = getattr(request, "task", None)
-        fields = self._task_fields(task_id, name, request, "RECEIVED", task)
-        self._emit(
-            self.level, f"Task {name}[{task_id}] received", "task-received", "unknown", fields
-        )
 
     def on_prerun(
         self, sender: Any = None, task_id: str | None = None, task: Any = None, **_: Any

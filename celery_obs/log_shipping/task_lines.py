@@ -62,6 +62,18 @@ def _task(task_id: Any, name: Any) -> dict[str, Any] | None:
     return task
 
 
+#: Celery's line for a task the worker received (celery.app.trace.LOG_RECEIVED).
+_RECEIVED_LINE = "Task %(name)s[%(id)s] received"
+#: What that line becomes: the `task-received` record (with task-started, the wait on the
+#: worker), as the lifecycle records name their steps.
+RECEIVED_EVENT = {"kind": "event", "category": ["process"], "action": "task-received"}
+
+
+def event_of(record: logging.LogRecord) -> dict[str, Any] | None:
+    """ECS `event` fields for a line of Celery's that is a lifecycle step, or None."""
+    return RECEIVED_EVENT if record.msg == _RECEIVED_LINE else None
+
+
 def task_named_by(record: logging.LogRecord) -> dict[str, Any] | None:
     """{"id": ..., "name": ...} of the task a Celery log line is about, or None."""
     data = getattr(record, "data", None)

@@ -356,10 +356,7 @@ def test_a_real_worker_writes_no_secret_it_was_given(redis_url, queue) -> None:
             steps: dict[str, list[str]] = defaultdict(list)
             for line in worker.output().splitlines():
                 record = json.loads(line) if line.startswith("{") else {}
-                if (
-                    record.get("log", {}).get("logger") == "celery_obs.lifecycle"
-                    and record["event"]["action"] != "task-received"  # main process, not run
-                ):
+                if record.get("log", {}).get("logger") == "celery_obs.lifecycle":
                     steps[record["celery"]["task"]["id"]].append(record["event"]["action"])
             return {i: steps[i] for i in ids if len(steps[i]) == 2}
 

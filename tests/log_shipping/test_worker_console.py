@@ -174,6 +174,14 @@ def test_the_started_record_masks_credentials_and_describes_autoscale() -> None:
     assert worker.quiet is True  # Celery prints no banner
 
 
+def test_a_result_backend_that_cannot_be_built_costs_only_its_field() -> None:
+    worker = started_worker("redis://broker:6379/0")
+    worker.app.conf.result_backend = "no-such-backend://x"  # its module cannot be imported
+    fields = console.started_fields(worker)
+    assert fields["celery"]["result_backend"] is None
+    assert fields["celery"]["worker"]["hostname"] == "celery@w1"
+
+
 def test_a_shutdown_notice_is_one_json_line_written_at_once(tmp_path) -> None:
     from celery_obs.log_shipping.formatter import EcsJsonFormatter
 
