@@ -13,6 +13,7 @@ then shows the very number the alerts fire on.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 
 from grafanalib import core as g
@@ -49,15 +50,15 @@ def selector(spec: m.MetricSpec, suffix: str = "", **fixed: str) -> str:
     return f"{spec.name}{suffix}{{{_matchers(spec.labels, fixed)}}}"
 
 
+#: The labels a recording rule's name says it keeps (`job_queue_name:...`: job, queue_name).
+_KEPT = re.compile(r"(?:^|_)(queue_name|name|job)(?=_|$)")
+
+
 def recorded(rule: str) -> str:
-    """A shared recording rule's series. They keep job, name and queue_name (whichever the
-    name says) and have no replica labels, so `$instance` does not apply to them."""
-    kept = rule.split(":")[0]  # e.g. job_name_queue_name
-    matchers = [
-        f'{label}=~"${var}"'
-        for label, var in FILTERS.items()
-        if label != "instance" and label in kept
-    ]
+    """A shared recording rule's series, filtered by the variables of the labels it keeps.
+    They have no replica labels, so `$instance` does not apply to them."""
+    kept = set(_KEPT.findall(rule.split(":")[0]))
+    matchers = [f'{label}=~"${var}"' for label, var in FILTERS.items() if label in kept]
     return f"{rule}{{{','.join(matchers)}}}"
 
 

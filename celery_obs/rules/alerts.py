@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from celery_obs.exporter import metrics as m
 
 from .promql import (
+    CLUSTER_BY,
     DEDUP,
     DEFAULT_LINKS,
     DEFAULT_SELECTOR,
@@ -41,7 +42,8 @@ RECEIVED = m.TASK_COUNTERS["task-received"].name
 
 #: Task rates and ratios, by the labels they keep.
 TASK_LEVEL = "job_name_queue_name"
-TASK_BY = "job, name, queue_name"
+TASK_BY = f"{CLUSTER_BY}, name, queue_name"
+QUEUE_BY = f"{CLUSTER_BY}, queue_name"
 
 
 def rec(level: str, metric_name: str, operation: str) -> str:
@@ -90,15 +92,15 @@ def recording_rules(selector: str) -> list[dict]:
         },
         {"record": RECEIVED_RATE, "expr": task_rate(m.TASK_COUNTERS["task-received"])},
         *({"record": P95[spec.name], "expr": p95(spec, TASK_BY)} for spec in HISTOGRAMS),
-        {"record": QUEUE_WAIT_P95, "expr": p95(m.TASK_QUEUE_WAIT, "job, queue_name")},
-        {"record": WORKERS_UP, "expr": f"sum by (job) ({DEDUP} ({s(m.WORKER_UP)}))"},
+        {"record": QUEUE_WAIT_P95, "expr": p95(m.TASK_QUEUE_WAIT, QUEUE_BY)},
+        {"record": WORKERS_UP, "expr": f"sum by ({CLUSTER_BY}) ({DEDUP} ({s(m.WORKER_UP)}))"},
         {
             "record": TASK_EVENTS_RATE,
-            "expr": f"sum by (job) ({DEDUP} (rate({task_events}[10m])))",
+            "expr": f"sum by ({CLUSTER_BY}) ({DEDUP} (rate({task_events}[10m])))",
         },
         {
             "record": PROCESSED_RATE,
-            "expr": f"sum by (job) ({DEDUP} (rate({s(m.WORKER_TASKS_PROCESSED)}[10m])))",
+            "expr": f"sum by ({CLUSTER_BY}) ({DEDUP} (rate({s(m.WORKER_TASKS_PROCESSED)}[10m])))",
         },
     ]
     return [{"record": r["record"], "expr": expr(r["expr"])} for r in rules]
@@ -174,8 +176,8 @@ def alerts(selector: str) -> list[Alert]:
         ),
         Alert(
             "CeleryQueueWithoutWorkers",
-            f"{dedup(m.QUEUE_LENGTH)} > 0\nunless on (job, queue_name)\n"
-            f"sum by (job, queue_name) ({RECEIVED_RATE}) > 0",
+            f"{dedup(m.QUEUE_LENGTH)} > 0\nunless on ({QUEUE_BY})\n"
+            f"sum by ({QUEUE_BY}) ({RECEIVED_RATE}) > 0",
             "critical",
             "A Celery queue has messages but no worker takes them.",
             "{{ $labels.queue_name }} holds {{ $value }} messages and no worker received a task "
@@ -302,7 +304,7 @@ def alerts(selector: str) -> list[Alert]:
         ),
         Alert(
             "CeleryTaskEventsMissing",
-            f"{PROCESSED_RATE} > 0\nunless on (job) {TASK_EVENTS_RATE} > 0",
+            f"{PROCESSED_RATE} > 0\nunless on ({CLUSTER_BY}) {TASK_EVENTS_RATE} > 0",
             "warning",
             "Celery workers process tasks but send no task events.",
             "Workers of {{ $labels.job }} processed tasks in the last 10 minutes but no task "
@@ -343,8 +345,9 @@ def rule_files(selector: str = DEFAULT_SELECTOR, links: Links = DEFAULT_LINKS) -
         generated += f" --selector '{checked}'"
     recording = dump(
         f"Recording rules shared by the Grafana dashboards and the alerts. {generated}.\n"
-        "Names are <labels kept>:<metric>:<operation>. Each takes the max over exporter\n"
-        "replicas (instance, pod) first: two HA replicas give the numbers of one.",
+        "Names are <labels kept>:<metric>:<operation>; every rule also keeps cluster and\n"
+        "namespace where targets have them. Each takes the max over exporter replicas\n"
+        "(instance, pod) first: two HA replicas give the numbers of one.",
         [{"name": "celery-recording", "rules": recording_rules(checked)}],
     )
     listed = alerts(checked)

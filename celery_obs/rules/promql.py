@@ -29,6 +29,13 @@ DEDUP = f"max without ({', '.join(REPLICA_LABELS)})"
 
 DEFAULT_SELECTOR = 'job="celery-exporter"'
 
+#: Labels that tell watched clusters apart, kept by every aggregation: `job`, and `namespace`
+#: and `cluster` where targets have them (under the Prometheus Operator two namespaces often
+#: run a Service of the same name, hence the same job). A label a series lacks costs nothing.
+#: Recording rules' names list what they keep besides `cluster` and `namespace`.
+CLUSTER_LABELS = ("cluster", "namespace", "job")
+CLUSTER_BY = ", ".join(CLUSTER_LABELS)
+
 
 class RulesError(ValueError):
     """An input that cannot become a rule: the message says which and why."""
@@ -61,9 +68,14 @@ def check_selector(selector: str) -> str:
         if match is None:
             raise RulesError(
                 f'{selector!r} is not a list of label matchers, e.g. job="celery-exporter" '
-                f"(stuck at {text[position : position + 20]!r})"
+                f"(values in double quotes; stuck at {text[position : position + 20]!r})"
             )
         label, op, value = match.group("label", "op", "value")
+        if "{{" in value or "}}" in value:
+            # The selector is quoted in alert descriptions, which Prometheus expands as templates.
+            raise RulesError(
+                f"{selector!r}: a value with '{{{{' or '}}}}' cannot go into alert rules"
+            )
         if label in _RESERVED_LABELS:
             raise RulesError(f"{selector!r}: the rules set {label!r} themselves")
         if op in ("=~", "!~"):

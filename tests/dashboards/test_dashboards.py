@@ -160,6 +160,28 @@ def test_every_aggregation_counts_exporter_replicas_once(filename: str) -> None:
             assert DEDUP in raw, expr
 
 
+def test_recording_rules_are_filtered_only_on_labels_they_keep() -> None:
+    """A matcher on a label a recorded series lacks matches nothing once a value is picked."""
+    kept = {}
+    for path in RULES.glob("*.yml"):
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                if "record" in rule:
+                    by = re.search(r"by \(([a-z_, ]+?)(?:, le)?\)", rule["expr"])
+                    names = re.findall(r"[a-z_]+:[a-z0-9_]+:[a-z0-9_]+", rule["expr"])
+                    kept[rule["record"]] = (
+                        set(by.group(1).replace(" ", "").split(",")) if by else kept[names[0]]
+                    )
+    used = 0
+    for filename in DASHBOARDS:
+        for expr in expressions(load(filename)):
+            for rule, matchers in re.findall(r"([a-z_]+:[a-z0-9_]+:[a-z0-9_]+)\{([^}]*)\}", expr):
+                labels = set(re.findall(r"([a-z_]+)=~", matchers))
+                assert labels <= kept[rule], (filename, rule, labels - kept[rule])
+                used += 1
+    assert used >= 4
+
+
 def test_panels_read_the_recording_rules_the_alerts_fire_on() -> None:
     wanted = [
         ("celery-overview.json", "Failure rate", rules.FAILED_RATE),

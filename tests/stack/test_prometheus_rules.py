@@ -118,7 +118,10 @@ def test_recording_rules_are_named_for_the_labels_they_keep() -> None:
             r"histogram_quantile\(0\.95, sum by \(([a-z_, ]+), le\)", rule["expr"]
         )
         if by:
-            assert by.group(1).replace(" ", "").replace(",", "_") == level, rule["record"]
+            kept = [label for label in by.group(1).replace(" ", "").split(",")]
+            # Every rule keeps the labels that tell clusters apart; names list the rest.
+            assert kept[:3] == ["cluster", "namespace", "job"], rule["record"]
+            assert "_".join(kept[2:]) == level, rule["record"]
         else:  # built from other recording rules, at the same level
             used = re.findall(r"([a-z_]+):[a-z0-9_]+:[a-z0-9_]+", rule["expr"])
             assert used, rule["record"]
@@ -238,6 +241,8 @@ def test_a_custom_selector_watches_an_operator_scraped_exporter(tmp_path, capsys
         (["--selector", "job=celery"], 2, "is not a list of label matchers"),
         (["--selector", 'name="x"'], 2, "the rules set 'name' themselves"),
         (["--selector", 'job=~"("'], 2, "is not a regular expression"),
+        (["--selector", 'job="a{{b}}"'], 2, "cannot go into alert rules"),
+        (["--selector", "job='x'"], 2, "values in double quotes"),
     ],
 )
 def test_bad_alert_selectors_are_usage_errors(argv, status, message, tmp_path, capsys) -> None:
