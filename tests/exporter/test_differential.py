@@ -69,15 +69,25 @@ class ReferenceReceiver:
 
     def counts(self) -> Counter:
         """(name, type) -> events, each named by its task id's name as the stream said so
-        far (Task.replace runs another task under the same id)."""
+        far (Task.replace runs another task under the same id). An event that comes before
+        any name of its task takes the first name the stream gives it: task-sent is
+        published after the message, so a worker can fail an unregistered task before it,
+        and the exporter holds worker-side events for their task-sent (`sent_grace`) where
+        the Receiver would say "unknown"."""
         names: dict[str, str] = {}
         counts: Counter = Counter()
         with self.lock:
+            first: dict[str, str] = {}
+            for event in self.events:
+                if event.get("name") and event.get("uuid"):
+                    first.setdefault(event["uuid"], event["name"])
             for event in self.events:
                 if event.get("name") and event.get("uuid"):
                     names[event["uuid"]] = event["name"]
                 if event["type"].startswith("task-") and event["type"] != "task-cancelled":
-                    counts[(names.get(event.get("uuid"), "unknown"), event["type"])] += 1
+                    uuid = event.get("uuid")
+                    name = names.get(uuid) or first.get(uuid, "unknown")
+                    counts[(name, event["type"])] += 1
         return counts
 
     def close(self) -> None:
