@@ -232,6 +232,8 @@ class Lifecycle:
         einfo: Any = None,
         **_: Any,
     ) -> None:
+        # Celery's "Task handler raised error" line follows with this very exception.
+        task_lines.failed(exception, task_id, getattr(sender, "name", None))
         if task_id in self._failed:  # a hard time limit reports some failures twice
             return
         if task_id:

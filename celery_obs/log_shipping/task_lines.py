@@ -62,6 +62,20 @@ def _task(task_id: Any, name: Any) -> dict[str, Any] | None:
     return task
 
 
+#: Celery's line after a failure the main process handles (a hard time limit, a lost worker),
+#: with the exception as its only argument: the exception task_failure just reported.
+_HANDLER_ERROR = "Task handler raised error: %r"
+#: (the exception, its task) of the last task_failure in this process: Celery logs the line
+#: right after sending the signal, with the same exception object.
+_last_failure: list[tuple[BaseException, dict[str, Any]]] = []
+
+
+def failed(exception: Any, task_id: Any, name: Any) -> None:
+    """task_failure was sent for `task_id` with `exception` (lifecycle.on_failure)."""
+    task = _task(task_id, name)
+    _last_failure[:] = [(exception, task)] if task and isinstance(exception, BaseException) else []
+
+
 #: Celery's line for a task the worker received (celery.app.trace.LOG_RECEIVED).
 _RECEIVED_LINE = "Task %(name)s[%(id)s] received"
 #: What that line becomes: the `task-received` record (with task-started, the wait on the
@@ -84,6 +98,9 @@ def task_named_by(record: logging.LogRecord) -> dict[str, Any] | None:
         return None
     if msg in _ID_FIRST:
         return _task(args[0], None)
+    if msg == _HANDLER_ERROR and _last_failure and args[0] is _last_failure[0][0]:
+        task = _last_failure.pop()[1]
+        return task
     if msg == _REVOKED_IDS:
         ids = str(args[0])
         return None if "," in ids else _task(ids.strip(), None)

@@ -126,6 +126,11 @@ def test_a_worker_writes_only_json_and_names_every_task_it_logs_about(redis_url,
                     naming += 1
         assert naming >= 25
 
+        # The error line Celery writes after the hard limit names no task: it still has one.
+        handler_errors = [r for r in records if r["message"].startswith("Task handler raised")]
+        assert handler_errors
+        assert {r["celery"]["task"]["id"] for r in handler_errors} == {ids["hard"]}
+
         # Group members carry the group's id.
         member_records = [
             r
@@ -194,6 +199,32 @@ def test_a_shutdown_notice_is_one_json_line_written_at_once(tmp_path) -> None:
     assert record["message"] == "worker: Hitting Ctrl+C again will terminate all running tasks!"
     assert record["service"]["name"] == "svc"
     console.ConsoleNotices(EcsJsonFormatter())("nowhere to write", None)  # no stream: nothing
+
+
+def test_the_handler_error_line_after_a_failure_names_the_failed_task() -> None:
+    import logging
+
+    from celery_obs.log_shipping import task_lines
+
+    exc = TimeoutError("hard limit")
+    task_lines.failed(exc, "t-9", "a.slow")
+
+    def line(arg: object) -> logging.LogRecord:
+        record = logging.LogRecord(
+            "celery.worker.request",
+            logging.ERROR,
+            __file__,
+            1,
+            "Task handler raised error: %r",
+            (arg,),
+            None,
+        )
+        TaskContextFilter().filter(record)
+        return record
+
+    assert getattr(line(TimeoutError("another")), TASK_ATTR, None) is None  # not that one
+    assert getattr(line(exc), TASK_ATTR) == {"id": "t-9", "name": "a.slow"}
+    assert getattr(line(exc), TASK_ATTR, None) is None  # said once: not remembered forever
 
 
 @pytest.mark.parametrize(
