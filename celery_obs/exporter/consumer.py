@@ -29,6 +29,7 @@ from celery.events.event import get_exchange
 from kombu import Connection, Consumer, Queue
 from kombu.message import Message
 
+from ..retry import Backoff
 from . import amqp_stream, redis_stream
 from .config import EventQueueOptions
 from .events import Event, EventDecoder, MalformedMessage
@@ -186,17 +187,16 @@ class EventConsumer:
         )
 
     def _run(self) -> None:
-        delay = 0.5
+        backoff = Backoff(min(0.5, self._backoff_cap), self._backoff_cap)
         while not self._stopping.is_set():
             started = self.status.last_poll = time.monotonic()
             self._session()
             # Back off from the first attempt unless the session lived a while: a broker that
             # accepts the connection and then refuses to serve must not be hammered.
             if time.monotonic() - started > _STABLE_SESSION:
-                delay = 0.5
-            if self._stopping.wait(delay):
+                backoff.reset()
+            if self._stopping.wait(backoff.next()):
                 break
-            delay = min(delay * 2, self._backoff_cap)
         self.status.connected = False
 
     def _session(self) -> None:

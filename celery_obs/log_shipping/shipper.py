@@ -34,6 +34,7 @@ import weakref
 from collections.abc import Callable
 from threading import get_ident
 
+from ..retry import Backoff
 from .fallback import FallbackSpool
 from .linequeue import FULL, SPILL, LineQueue
 from .losses import DROPPED, REJECTED, LossReports
@@ -279,7 +280,7 @@ class ShippingHandler(logging.Handler):
     # -- the sender thread --------------------------------------------------------------------
 
     def _run(self) -> None:
-        delay = self.backoff_start
+        backoff = Backoff(self.backoff_start, max(self.backoff_cap, self.backoff_start))
         spool: FallbackSpool | None = None
         with contextlib.suppress(Exception):  # else retried below, with the failure said
             spool = self._spool = self._open_spool()
@@ -301,7 +302,7 @@ class ShippingHandler(logging.Handler):
                 self._failing(exc)
                 delivered = False
             if delivered:
-                delay = self.backoff_start
+                backoff.reset()
                 if stopping and not len(self._queue):
                     return
                 continue
@@ -310,8 +311,7 @@ class ShippingHandler(logging.Handler):
                     if spool is not None:
                         self._spill(spool)
                 return
-            self._stopping.wait(delay)
-            delay = min(delay * 2, self.backoff_cap)
+            self._stopping.wait(backoff.next())
 
     def _past_close_deadline(self) -> bool:
         return self._stopping.is_set() and self.clock() > self._close_deadline

@@ -20,6 +20,7 @@ import elasticsearch
 from elastic_transport import ConnectionError as TransportConnectionError
 from elastic_transport import TlsError, TransportError
 
+from ..retry import Deadline
 from .assets import COMPONENT_TEMPLATE, ILM_POLICY, INDEX_PATTERN, INDEX_TEMPLATE, Assets
 from .errors import SetupError
 
@@ -112,7 +113,7 @@ class Installer:
         self.connection = connection
         self.sleep = sleep
         self.clock = clock
-        self.deadline = clock() + max(wait, 0.0)
+        self.deadline = Deadline(wait, clock)
         self.wait = wait
         self.notes: list[str] = []
 
@@ -151,18 +152,18 @@ class Installer:
                     "FILE (env ELASTICSEARCH_CA_CERTS); --insecure skips verification"
                 ) from None
             except elasticsearch.ApiError as exc:
-                if exc.meta.status not in _TRANSIENT or self.clock() >= self.deadline:
+                if exc.meta.status not in _TRANSIENT or self.deadline.passed():
                     raise SetupError(
                         f"Elasticsearch answered {method} {path} with {exc.meta.status} "
                         f"{_reason(exc)}"
                     ) from None
             except (TransportConnectionError, TransportError) as exc:
-                if self.clock() >= self.deadline:
+                if self.deadline.passed():
                     waited = f" after waiting {self.wait:g}s" if self.wait > 0 else ""
                     raise SetupError(
                         f"cannot reach Elasticsearch at {url}{waited}: {exc.message}"
                     ) from None
-            self.sleep(min(1.0, max(self.deadline - self.clock(), 0.0)))
+            self.sleep(self.deadline.pause(1.0))
 
     def check_version(self) -> tuple[str, str]:
         info = self.call("GET", "/")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..retry import Deadline
 from .errors import SetupError
 
 # Kibana answers 503 while it starts or while Elasticsearch is unavailable.
@@ -116,7 +117,7 @@ class KibanaClient:
         self.wait = wait
         self.sleep = sleep
         self.clock = clock
-        self.deadline = clock() + max(wait, 0.0)
+        self.deadline = Deadline(wait, clock)
 
     def request(
         self, method: str, path: str, body: bytes | None = None, content_type: str | None = None
@@ -155,7 +156,7 @@ class KibanaClient:
                         f"Kibana answered 404 for {url}: does the space "
                         f"{connection.space!r} exist? {text}"
                     ) from None
-                if exc.code not in _TRANSIENT or self.clock() >= self.deadline:
+                if exc.code not in _TRANSIENT or self.deadline.passed():
                     raise SetupError(
                         f"Kibana answered {method} {path} with {exc.code}: {text}"
                     ) from None
@@ -171,7 +172,7 @@ class KibanaClient:
                         f"TLS with {connection.url} failed: {reason}. For a private CA give "
                         "--ca-certs FILE (env KIBANA_CA_CERTS); --insecure skips verification"
                     ) from None
-                if self.clock() >= self.deadline:
+                if self.deadline.passed():
                     waited = f" after waiting {self.wait:g}s" if self.wait > 0 else ""
                     raise SetupError(
                         f"cannot reach Kibana at {connection.url}{waited}: {reason}"
@@ -181,7 +182,7 @@ class KibanaClient:
                     f"Kibana at {connection.url} answered {method} {path} with something that "
                     "is not JSON: is the URL Kibana's?"
                 ) from None
-            self.sleep(min(1.0, max(self.deadline - self.clock(), 0.0)))
+            self.sleep(self.deadline.pause(1.0))
 
     def wait_until_available(self) -> None:
         """Kibana's status API answers 200 once it can serve requests (503 before)."""
