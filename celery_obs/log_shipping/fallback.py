@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
-from .spool import Spool
+from .spool import Spool, open_own_spool
 
 
 def _size(lines: list[bytes]) -> int:
@@ -194,3 +194,23 @@ class FallbackSpool:
     def release(self) -> None:
         if self.disk is not None:
             self.disk.release()
+
+
+def open_spool(
+    root: str | None,
+    pid: int,
+    disk_max_bytes: int,
+    memory_max_bytes: int,
+    on_fallback: Callable[[OSError], None],
+) -> tuple[FallbackSpool, str | None]:
+    """The spool policy: this process' own disk spool under `root` (adopting what dead
+    processes left there), else memory only. Returns the spool and, when the disk could not be
+    used, why (to be said once)."""
+    disk: Spool | None = None
+    problem = None
+    if root is not None:
+        try:
+            disk = open_own_spool(root, pid, disk_max_bytes)
+        except OSError as exc:  # keep shipping; hold back-ups in memory instead
+            problem = f"log spool {root} unusable ({exc})"
+    return FallbackSpool(disk, memory_max_bytes, on_fallback), problem

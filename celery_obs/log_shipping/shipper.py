@@ -5,21 +5,20 @@ logged them; and say how many were lost when some are.
 never waits for the network, and only when the queue is past its bounds does it move a batch
 to the spool itself (waiting `RELIEVE_WAIT` at most) before dropping. Two threads, started
 lazily in each process (so prefork pool children get their own), do the rest; the sink
-(`sinks.py`, `elastic.py`) decides what counts as delivered.
+(`sinks.py`, `elastic.py`) decides what counts as delivered. This module is the handler and
+its threads; the rest is elsewhere: delivery and loss reports in `pump.py`, the spool policy
+(disk, else memory) in `fallback.py`, backoff in `retry.py`.
 
-- The sender sends batches (at most `batch_size` lines and `max_batch_bytes`), the spool's
-  oldest first. When a send fails, the batch goes back in front of the spool, the queue is
-  spilled behind it (order is kept), and the sink is retried with capped backoff.
+- The sender runs the delivery pump (`pump.py`): batches, the spool's oldest first, retried
+  with capped backoff; losses reported as records of their own.
 - The spiller moves the queue to the spool whenever it is past half its bounds (a slow sink),
   its oldest line has waited `spill_after` seconds, or the sink is failing: lines are dropped
   only when the spool cannot take them, and a SIGKILL loses only what came in the last
   `spill_after` seconds (plus the batch in flight).
 
 The spool is the disk while the disk takes writes, memory (bounded) while it refuses them or
-when it cannot be used at all (`fallback.FallbackSpool`). Lines dropped past the bounds, and lines
-the sink refuses for good, are counts, not lines: a report record is sent on its own, and the
-count is cleared only once the sink took it, so a report is never lost with the lines it is
-about. On close the sender gets a bounded time to flush; what it cannot send stays in the
+when it cannot be used at all (`fallback.FallbackSpool`). On close the sender gets a bounded
+time to flush; what it cannot send stays in the
 spool for the next start, and what only memory held is said on stderr.
 """
 
@@ -35,17 +34,13 @@ from collections.abc import Callable
 from threading import get_ident
 
 from ..retry import Backoff
-from .fallback import FallbackSpool
+from .fallback import FallbackSpool, open_spool
 from .linequeue import FULL, SPILL, LineQueue
 from .losses import DROPPED, REJECTED, LossReports
+from .pump import DeliveryPump, status
 from .sinks import Sink, SinkError
-from .spool import Spool, open_own_spool
 
 __all__ = ["ShippingHandler", "Sink", "SinkError"]
-
-# Said on the shipping threads: ShippingHandler drops those records (shipping them could fail
-# again, and say so again), Celery's own handlers show them on the worker's stderr.
-status = logging.getLogger("celery_obs.log_shipping")
 
 MB = 1024 * 1024
 #: The longest a log call waits for the spool when the queue is full (then it drops).
@@ -89,8 +84,6 @@ class ShippingHandler(logging.Handler):
         self.backoff_cap = backoff_cap
         self.close_timeout = close_timeout
         self.clock = clock
-        self.sent = 0
-        self.last_error: str | None = None  # while the sink is failing
         self._pid = -1
         self._here = False  # threads started in this process (os.getpid() is a system call)
         _handlers.add(self)
@@ -109,11 +102,40 @@ class ShippingHandler(logging.Handler):
         self._spiller: threading.Thread | None = None
         self._own_threads: tuple[int | None, ...] = ()
         self._spool: FallbackSpool | None = None
-        self._close_deadline = float("inf")
         self._reports = LossReports(status.name, self.format, self.report_interval, self.clock)
         self._relieve_after = float("-inf")
         self._fallback_said = False
         self._fallback: str | None = None  # why the spool is in memory, until said
+        self._pump = DeliveryPump(
+            self._queue,
+            self.sink,
+            self._open_spool,
+            order=self._order,
+            reports=self._reports,
+            dropped=lambda: self.dropped,
+            backoff=Backoff(self.backoff_start, max(self.backoff_cap, self.backoff_start)),
+            clock=self.clock,
+            wait=self._wait_for_lines,
+            sleep=self._stopping.wait,
+            batch_size=self.batch_size,
+            max_batch_bytes=self.max_batch_bytes,
+            where=self.spool_root or "memory",
+            each_round=self._say_pending,
+        )
+
+    @property
+    def sent(self) -> int:
+        """Lines the sink took, in this process."""
+        return self._pump.sent
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the sink is failing, while it is."""
+        return self._pump.last_error
+
+    @last_error.setter
+    def last_error(self, value: str | None) -> None:
+        self._pump.last_error = value
 
     @property
     def dropped(self) -> int:
@@ -124,6 +146,12 @@ class ShippingHandler(logging.Handler):
     @dropped.setter
     def dropped(self, value: int) -> None:
         self._dropped_elsewhere += value - self.dropped
+
+    @property
+    def spooled(self) -> int:
+        """Batches waiting in the spool (disk or memory) for the sink to come back."""
+        spool = self._spool
+        return len(spool) if spool is not None else 0
 
     @property
     def queued(self) -> int:
@@ -204,8 +232,6 @@ class ShippingHandler(logging.Handler):
             self._pid = os.getpid()
             if forked:  # the parent's queue, spool, connection and counts are not ours
                 self._reset()  # fresh events too: a lock inside one may have been held at fork
-                self.sent = 0
-                self.last_error = None
                 self.sink.close()
                 # The sink's count of refusals is the parent's, and the parent reports it.
                 self._reports.told(REJECTED, getattr(self.sink, "rejected", 0))
@@ -221,13 +247,19 @@ class ShippingHandler(logging.Handler):
     # -- the spool ------------------------------------------------------------------------------
 
     def _open_spool(self) -> FallbackSpool:
-        disk: Spool | None = None
-        if self.spool_root is not None:
-            try:
-                disk = open_own_spool(self.spool_root, self._pid, self.spool_max_bytes)
-            except OSError as exc:  # keep shipping; hold back-ups in memory instead
-                self._say_fallback(f"log spool {self.spool_root} unusable ({exc})")
-        return FallbackSpool(disk, self.memory_spool_max_bytes, self._disk_refused)
+        """On the sender thread, as it starts (opening may adopt many files)."""
+        spool, problem = open_spool(
+            self.spool_root,
+            self._pid,
+            self.spool_max_bytes,
+            self.memory_spool_max_bytes,
+            self._disk_refused,
+        )
+        if problem is not None:
+            self._say_fallback(problem)
+        self._spool = spool
+        self._spool_open.set()
+        return spool
 
     def _disk_refused(self, exc: OSError) -> None:
         # Called with the order lock held, maybe on the task's thread: said later, by the
@@ -244,6 +276,10 @@ class ShippingHandler(logging.Handler):
                 what,
                 self.memory_spool_max_bytes // MB,
             )
+
+    def _say_pending(self) -> None:
+        if self._fallback is not None:
+            self._say_fallback(self._fallback)
 
     # -- the spiller thread -----------------------------------------------------------------
 
@@ -264,134 +300,18 @@ class ShippingHandler(logging.Handler):
                 or queue.oldest_age(now) > self.spill_after
             ):
                 try:
-                    self._spill(spool)
+                    self._pump.spill(spool)
                 except Exception as exc:  # the spiller must outlive anything
-                    self._failing(exc)
-
-    def _spill(self, spool: FallbackSpool) -> None:
-        """Move the queue, oldest first, behind what the spool holds."""
-        while True:
-            with self._order:
-                batch = self._queue.take(self.batch_size, self.max_batch_bytes)
-                if not batch:
-                    return
-                spool.push(batch)
+                    self._pump.failing(exc)
 
     # -- the sender thread --------------------------------------------------------------------
 
+    def _wait_for_lines(self, seconds: float) -> None:
+        self._wake.wait(seconds)
+        self._wake.clear()
+
     def _run(self) -> None:
-        backoff = Backoff(self.backoff_start, max(self.backoff_cap, self.backoff_start))
-        spool: FallbackSpool | None = None
-        with contextlib.suppress(Exception):  # else retried below, with the failure said
-            spool = self._spool = self._open_spool()
-            self._spool_open.set()
-        while True:
-            stopping = self._stopping.is_set()
-            if not stopping:
-                self._wake.wait(self.flush_interval)
-                self._wake.clear()
-            try:
-                if spool is None:
-                    spool = self._spool = self._open_spool()
-                    self._spool_open.set()
-                if self._fallback is not None:
-                    self._say_fallback(self._fallback)
-                self._report_losses(now=stopping)
-                delivered = self._drain(spool)
-            except Exception as exc:  # a sink's or a disk's failure: keep going
-                self._failing(exc)
-                delivered = False
-            if delivered:
-                backoff.reset()
-                if stopping and not len(self._queue):
-                    return
-                continue
-            if stopping:
-                with contextlib.suppress(Exception):
-                    if spool is not None:
-                        self._spill(spool)
-                return
-            self._stopping.wait(backoff.next())
-
-    def _past_close_deadline(self) -> bool:
-        return self._stopping.is_set() and self.clock() > self._close_deadline
-
-    def _drain(self, spool: FallbackSpool) -> bool:
-        """Send spooled batches, then queued ones; False (the batch back in front of the
-        spool, the queue behind it) on failure. Closing and out of time: the rest goes to the
-        spool, for the next start."""
-        while True:
-            if self._past_close_deadline():
-                self._spill(spool)
-                return True
-            with self._order:  # the spiller cannot slip lines between the spool and the queue
-                batch = spool.peek()
-                spooled = batch is not None
-                if batch is None:
-                    batch = self._queue.take(self.batch_size, self.max_batch_bytes)
-            if not batch:
-                return True
-            unsent = self._send(batch)
-            with self._order:
-                if spooled and unsent is None:
-                    spool.pop()
-                elif spooled and unsent is not None and len(unsent) < len(batch):
-                    spool.replace_oldest(unsent)
-                elif not spooled and unsent:
-                    spool.push_front(unsent)
-            if unsent is not None:
-                self._spill(spool)
-                return False
-
-    def _send(self, lines: list[bytes]) -> list[bytes] | None:
-        """None when the sink took every line, else the lines still to send."""
-        try:
-            self.sink.send(lines)
-        except Exception as exc:  # SinkError, or a sink's bug: either way keep the lines
-            remaining = getattr(exc, "remaining", None)
-            unsent = lines if remaining is None else remaining
-            self.sent += len(lines) - len(unsent)
-            self._failing(exc)
-            return unsent
-        self.sent += len(lines)
-        if self.last_error is not None:
-            status.warning("log shipping recovered (last error: %s)", self.last_error)
-            self.last_error = None
-        return None
-
-    def _failing(self, exc: BaseException) -> None:
-        """Say it once per outage (on the worker's other handlers), keep the latest reason."""
-        if self.last_error is None:
-            status.warning(
-                "log shipping failing (%s); keeping records in %s and retrying",
-                exc,
-                self.spool_root or "memory",
-            )
-        self.last_error = f"{type(exc).__name__}: {exc}"
-
-    # -- loss reports -------------------------------------------------------------------------
-
-    def _totals(self) -> dict[str, int]:
-        return {DROPPED: self.dropped, REJECTED: getattr(self.sink, "rejected", 0)}
-
-    def _report_losses(self, now: bool) -> None:
-        """Send a record for each kind of loss the destination has not been told about."""
-        if not self._reports.due(now):
-            return
-        for action, total in self._totals().items():
-            count = self._reports.unreported(action, total)
-            detail = getattr(self.sink, "last_rejection", "")
-            if count and self._deliver(self._reports.line(action, count, detail)):
-                self._reports.told(action, total)
-
-    def _deliver(self, report: bytes) -> bool:
-        """Send a report on its own: True once the sink took it (or refused it for good: our
-        own record is not one of the user's to count, and it would be refused again)."""
-        before = getattr(self.sink, "rejected", 0)
-        unsent = self._send([report])
-        refused = getattr(self.sink, "rejected", 0) - before
-        self._reports.told(REJECTED, self._reports.reported[REJECTED] + refused)
-        return unsent is None
+        self._pump.run(self.flush_interval, self._stopping.is_set)
 
     # -- closing ------------------------------------------------------------------------------
 
@@ -402,7 +322,7 @@ class ShippingHandler(logging.Handler):
         """Flush within about `close_timeout`; the rest stays in the spool for the next start.
         A batch already on the wire gets the sink's own timeout on top."""
         if self._thread is not None and self._pid == os.getpid():
-            self._close_deadline = self.clock() + self.close_timeout
+            self._pump.close_deadline = self.clock() + self.close_timeout
             self._stopping.set()
             self._wake.set()
             self._spill_now.set()
@@ -420,10 +340,10 @@ class ShippingHandler(logging.Handler):
         flush, what memory held, and unreported losses (as report lines in the disk spool);
         and say on stderr what cannot be left anywhere."""
         with contextlib.suppress(Exception):
-            self._spill(spool)
+            self._pump.spill(spool)
         with contextlib.suppress(Exception):
             spool.flush_to_disk()
-        totals = self._totals()
+        totals = self._pump.totals()
         unreported = {a: self._reports.unreported(a, t) for a, t in totals.items()}
         detail = getattr(self.sink, "last_rejection", "")
         lines = [self._reports.line(a, n, detail) for a, n in unreported.items() if n]

@@ -394,7 +394,7 @@ def test_an_outage_is_spooled_then_delivered_once_in_order(
     fake.stop()  # Elasticsearch goes away while the logging goes on
     for i in range(100, 300):
         logger.info("%d", i)
-    wait_for(lambda: handler._spool is not None and len(handler._spool) > 0, 30, "spooling")
+    wait_for(lambda: handler.spooled > 0, 30, "spooling")
     fake.start()
     for i in range(300, 400):
         logger.info("%d", i)

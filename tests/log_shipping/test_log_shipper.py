@@ -47,7 +47,7 @@ def test_an_outage_under_load_loses_nothing_and_keeps_order(receiver, tmp_path) 
     receiver.stop()  # Logstash goes away while the logging goes on
     for i in range(2000, 6000):
         logger.info("%d", i)
-    wait_for(lambda: handler._spool is not None and len(handler._spool) > 0, 20, "spooling")
+    wait_for(lambda: handler.spooled > 0, 20, "spooling")
     receiver.start()
     for i in range(6000, 8000):
         logger.info("%d", i)
