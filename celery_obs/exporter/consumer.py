@@ -96,6 +96,8 @@ class EventConsumer:
         self.status = status
         self._queue_options = queue_options or EventQueueOptions()
         self._on_connected = on_connected
+        if not backoff_cap > 0:
+            raise ValueError("backoff_cap must be positive")
         self._backoff_cap = backoff_cap
         self._poll_timeout = poll_timeout
         #: Broker errors can quote credentials (a URL, a login): they are shown scrubbed.

@@ -18,8 +18,8 @@ its threads; the rest is elsewhere: delivery and loss reports in `pump.py`, the 
 
 The spool is the disk while the disk takes writes, memory (bounded) while it refuses them or
 when it cannot be used at all (`fallback.FallbackSpool`). On close the sender gets a bounded
-time to flush; what it cannot send stays in the
-spool for the next start, and what only memory held is said on stderr.
+time to flush; what it cannot send stays in the spool for the next start, and what only
+memory held is said in the worker's log.
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ class ShippingHandler(logging.Handler):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`spool_dir` None: no disk at all, the spool is memory only."""
+        if not min(backoff_start, backoff_cap) > 0:
+            raise ValueError("backoff_start and backoff_cap must be positive")
         super().__init__()
         self.sink = sink
         self.spool_root = spool_dir
@@ -113,7 +115,7 @@ class ShippingHandler(logging.Handler):
             order=self._order,
             reports=self._reports,
             dropped=lambda: self.dropped,
-            backoff=Backoff(self.backoff_start, max(self.backoff_cap, self.backoff_start)),
+            backoff=Backoff(min(self.backoff_start, self.backoff_cap), self.backoff_cap),
             clock=self.clock,
             wait=self._wait_for_lines,
             sleep=self._stopping.wait,
