@@ -11,10 +11,16 @@ from celery.utils.log import get_task_logger
 
 from celery_obs import log_shipping
 
-app = Celery("obs_logs", broker=os.environ.get("OBS_TEST_BROKER", "redis://127.0.0.1:6379/14"))
+# A result backend only where a test runs a chord (it needs one).
+backend = os.environ.get("OBS_TEST_BACKEND")
+app = Celery(
+    "obs_logs",
+    broker=os.environ.get("OBS_TEST_BROKER", "redis://127.0.0.1:6379/14"),
+    backend=backend,
+)
 app.conf.update(
     task_default_queue=os.environ.get("OBS_TEST_QUEUE", "obs_logs"),
-    task_ignore_result=True,
+    task_ignore_result=backend is None,
     broker_connection_retry_on_startup=True,
     worker_prefetch_multiplier=1,
     worker_hijack_root_logger=os.environ.get("OBS_TEST_HIJACK", "1") == "1",
@@ -61,6 +67,11 @@ def soft_limit():
 @app.task(name="logs.long")
 def long(seconds):
     time.sleep(seconds)
+
+
+@app.task(name="logs.total")
+def total(values):
+    return sum(values)
 
 
 _ticks = itertools.count()  # per process: the shipping test checks each pid's sequence

@@ -10,7 +10,7 @@ import uuid
 from types import SimpleNamespace
 
 import pytest
-from celery import Celery, group
+from celery import Celery, chord, group
 
 from celery_obs.log_shipping import console
 from celery_obs.log_shipping.context import TaskContextFilter
@@ -32,13 +32,18 @@ def json_lines(text: str) -> list[dict]:
 
 
 @pytest.mark.broker
-def test_a_worker_writes_only_json_and_names_every_task_it_logs_about(redis_url, queue) -> None:
+def test_a_worker_writes_only_json_and_names_every_task_it_logs_about(
+    redis_url, queue, tmp_path
+) -> None:
+    # A chord needs a result backend: files in the test's own directory.
+    backend = f"file://{tmp_path}"
     worker = WorkerProcess(
         redis_url,
         queue,
         f"console-{uuid.uuid4().hex[:6]}",
         events=False,
         app="logging_app",
+        env={"OBS_TEST_BACKEND": backend},
         split_stderr=True,
     )
     try:
@@ -52,6 +57,7 @@ def test_a_worker_writes_only_json_and_names_every_task_it_logs_about(redis_url,
             "long": app.send_task("logs.long", (30,)).id,
         }
         members = group(app.signature("logs.add", (i, i)) for i in range(3)).apply_async()
+        callback_id = send_chord(redis_url, backend, queue)
         eta = app.send_task("logs.add", (3, 4), countdown=1)
         ids["eta"] = eta.id
         wait_for(lambda: eta.id in worker.output(), 30, "the countdown task received")
@@ -83,6 +89,11 @@ def test_a_worker_writes_only_json_and_names_every_task_it_logs_about(redis_url,
             ),
             30,
             "the group's members done",
+        )
+        wait_for(
+            lambda: f"Task logs.total[{callback_id}] succeeded" in worker.output(),
+            30,
+            "the chord's callback done",
         )
         worker.signal(signal.SIGTERM)
         assert worker.wait(30) == 0
@@ -131,6 +142,16 @@ def test_a_worker_writes_only_json_and_names_every_task_it_logs_about(redis_url,
         assert handler_errors
         assert {r["celery"]["task"]["id"] for r in handler_errors} == {ids["hard"]}
 
+        # A chord's header members carry their group's id and their callback's.
+        header = [
+            r["celery"]["task"]
+            for r in records
+            if r.get("event", {}).get("action") == "task-started"
+            and r["celery"]["task"].get("chord_callback_id") == callback_id
+        ]
+        assert [t["name"] for t in header] == ["logs.add", "logs.add"]
+        assert len({t["group_id"] for t in header}) == 1
+
         # Group members carry the group's id.
         member_records = [
             r
@@ -151,6 +172,17 @@ def test_a_worker_writes_only_json_and_names_every_task_it_logs_about(redis_url,
         assert revoked["celery"]["task"]["terminated"] is True
     finally:
         worker.close()
+
+
+def send_chord(broker: str, backend: str, queue: str) -> str:
+    """Two logs.add into logs.total; the callback's id. The producer needs the backend too."""
+    app = Celery("obs_chords", broker=broker, backend=backend, set_as_current=False)
+    app.conf.task_default_queue = queue
+    try:
+        header = [app.signature("logs.add", (i, 10)) for i in range(2)]
+        return str(chord(header)(app.signature("logs.total")).id)
+    finally:
+        app.close()
 
 
 def started_worker(broker: str) -> SimpleNamespace:
