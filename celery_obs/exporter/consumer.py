@@ -58,7 +58,18 @@ class BrokerStatus:
     #: How events are read: redis-socket / amqp-socket (the fast paths) or kombu.
     reader: str = ""
 
+    def liveness(self, now: float | None = None, stall_after: float = 60.0) -> tuple[bool, str]:
+        """/livez: is the consumer loop turning? It keeps turning through a broker outage
+        (each reconnect attempt is a turn), so an outage never fails it: restarting the
+        exporter would not bring the broker back. Only a loop stuck for `stall_after` does."""
+        now = time.monotonic() if now is None else now
+        if now - self.last_poll > stall_after:
+            return False, f"consumer stuck: no turn of its loop for {now - self.last_poll:.0f}s"
+        state = "consuming events" if self.connected else "reconnecting to the broker"
+        return True, f"ok: alive, {state}"
+
     def health(self, now: float | None = None, stall_after: float = 30.0) -> tuple[bool, str]:
+        """/readyz (and /healthz): connected and consuming, so the metrics are fresh."""
         now = time.monotonic() if now is None else now
         if not self.connected:
             down = now - self.disconnected_at

@@ -61,7 +61,8 @@ _IDLE_CHECK = 1.0  # how often an idle kept-alive connection looks whether the s
 
 LANDING_PAGE = """<html><head><title>Celery exporter</title></head><body>
 <h1>Celery exporter (celery-observability)</h1>
-<p><a href="/metrics">Metrics</a> &middot; <a href="/healthz">Health</a></p>
+<p><a href="/metrics">Metrics</a> &middot; <a href="/readyz">Ready</a> &middot;
+<a href="/livez">Alive</a></p>
 </body></html>
 """
 
@@ -200,12 +201,15 @@ class _Connection:
                 extra["Content-Encoding"] = "gzip"
                 return 200, rendered.gzipped(), rendered.content_type, extra
             return 200, rendered.body, rendered.content_type, extra
-        if path == "/healthz":
-            healthy, reason = server.health()
+        if path in ("/readyz", "/healthz", "/livez"):
+            # /readyz: connected and consuming (fresh metrics); /healthz is its old name.
+            # /livez: the process works, even while the broker is away.
+            check = server.liveness if path == "/livez" else server.health
+            healthy, reason = check()
             return (200 if healthy else 503), f"{reason}\n".encode(), _TEXT, {}
         if path == "/":
             return 200, LANDING_PAGE.encode(), "text/html; charset=utf-8", {}
-        return 404, b"Not found: try /metrics or /healthz\n", _TEXT, {}
+        return 404, b"Not found: try /metrics, /readyz or /livez\n", _TEXT, {}
 
     def _send(
         self,
@@ -258,7 +262,8 @@ def _rendered(render: Render, openmetrics: bool) -> Rendered:
 
 
 class MetricsServer:
-    """The HTTP(S) endpoint. `render` makes the /metrics body; `health` answers /healthz."""
+    """The HTTP(S) endpoint. `render` makes the /metrics body; `health` answers /readyz (and
+    its old name /healthz), `liveness` /livez (by default: the server answers, so alive)."""
 
     def __init__(
         self,
@@ -268,6 +273,7 @@ class MetricsServer:
         web_config: WebConfig | None = None,
         limits: Limits | None = None,
         *,
+        liveness: HealthCheck = lambda: (True, "ok: alive"),
         reload_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -291,6 +297,7 @@ class MetricsServer:
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         self.render = render
         self.health = health
+        self.liveness = liveness
         self.clock = clock
         #: One shared rendering per format in flight: OpenMetrics (True) and text (False).
         self.renderings: dict[bool, SingleFlight[Rendered]] = {

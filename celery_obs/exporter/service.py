@@ -83,7 +83,9 @@ class Exporter:
         self.exposition = Exposition(
             self.tracker, self.lock, self.status, self.queue_lengths, package_version()
         )
-        self.server = MetricsServer(address, self._render, self.status.health, web_config)
+        self.server = MetricsServer(
+            address, self._render, self.status.health, web_config, liveness=self.status.liveness
+        )
 
     def _render(self, openmetrics: bool) -> tuple[bytes, str]:
         body = self.exposition.render(openmetrics)

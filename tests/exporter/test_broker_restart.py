@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from brokers import RedisServer
-from support import producer, wait_for
+from support import http_get, producer, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -30,6 +30,14 @@ def test_exporter_survives_a_redis_restart(queue, start_exporter, start_worker):
 
         reason = wait_for(outage_reported, 15, "/healthz reporting the outage")
         assert reason.startswith(f"not connected to {url} for ")
+        # Not ready (its metrics are stale), but alive: restarting it would not help.
+        status, ready = http_get(f"{exporter.base}/readyz")
+        assert status == 503
+        assert ready.startswith(f"not connected to {url} for ")
+        assert http_get(f"{exporter.base}/livez") == (
+            200,
+            "ok: alive, reconnecting to the broker\n",
+        )
         assert exporter.scrape().value("celery_exporter_broker_connected") == 0
 
         server.start()  # same port, empty: as a restarted server without persistence

@@ -375,3 +375,14 @@ def test_tasks_too_quick_to_be_seen_running_still_have_their_series_at_zero(part
     for metric in ("celery_task_active", "celery_task_waiting", "celery_task_worker_lost_total"):
         assert registry.get_sample_value(metric, task) == 0, metric
     assert registry.get_sample_value("celery_task_oldest_active_age_seconds", task) is None
+
+
+def test_liveness_holds_through_an_outage_and_fails_only_a_stuck_loop() -> None:
+    status = BrokerStatus(broker="redis://h:6379//", connected=False, last_poll=100.0)
+    status.disconnected_at = 40.0
+    assert status.health(now=130.0) == (False, "not connected to redis://h:6379// for 90s")
+    assert status.liveness(now=130.0) == (True, "ok: alive, reconnecting to the broker")
+    status.connected = True
+    assert status.liveness(now=130.0) == (True, "ok: alive, consuming events")
+    assert status.liveness(now=160.0) == (True, "ok: alive, consuming events")  # 60 s: still
+    assert status.liveness(now=161.0) == (False, "consumer stuck: no turn of its loop for 61s")

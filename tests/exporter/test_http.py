@@ -203,6 +203,28 @@ def test_configured_headers_are_sent(tls_server) -> None:
         assert response.read() == b"ok: fine\n"
 
 
+def test_readyz_and_livez_answer_from_their_own_checks(registry) -> None:
+    server = MetricsServer(
+        ("127.0.0.1", 0),
+        lambda openmetrics: (generate_latest(registry), CONTENT_TYPE_LATEST),
+        lambda: (False, "not connected to redis://h:6379// for 3s"),
+        liveness=lambda: (True, "ok: alive, reconnecting to the broker"),
+    )
+    server.serve_in_thread()
+    try:
+        not_ready = (503, "not connected to redis://h:6379// for 3s\n")
+        assert http_get(f"{server.url}/readyz") == not_ready
+        assert http_get(f"{server.url}/healthz") == not_ready  # the old name of /readyz
+        assert http_get(f"{server.url}/livez") == (200, "ok: alive, reconnecting to the broker\n")
+        assert http_get(f"{server.url}/livez/") == (
+            404,
+            "Not found: try /metrics, /readyz or /livez\n",
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_healthz_reports_503_with_a_reason_and_gzip_works(registry) -> None:
     server = serve(registry, health=lambda: (False, "not connected to redis://h:6379// for 3s"))
     try:
