@@ -5,6 +5,11 @@
 #   docker run --rm celery-observability exporter --broker-url redis://redis.internal:6379/0
 FROM python:3.12-slim
 
+LABEL org.opencontainers.image.title="celery-observability" \
+      org.opencontainers.image.description="Prometheus exporter, JSON worker logs, dashboards and alerts for Celery" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="https://github.com/celery-observability/celery-observability"
+
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -30,7 +35,8 @@ RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/cel
 WORKDIR /app
 COPY compose/ /app/compose/
 
-USER celery-obs
+# By number: Kubernetes' runAsNonRoot cannot tell that a user *name* is not root.
+USER 10001:10001
 
 # No HEALTHCHECK here: the image runs the exporter, workers and one-shot setup jobs, which are
 # healthy in different ways; docker-compose.yml gives each service its own check.

@@ -473,7 +473,15 @@ def test_dockerfile_runs_as_a_user_and_copies_what_exists() -> None:
     # What the wheel packs (setup.py) must reach the build.
     for name in ("setup.py", "MANIFEST.in", *ASSET_DIRS):
         assert any(source.rstrip("/") == name for source in copied), name
-    assert re.search(r"(?m)^USER celery-obs$", dockerfile)
+    # A numeric user: Kubernetes' runAsNonRoot rejects a named one it cannot check.
+    uid = re.search(r"useradd --system --uid (\d+) --user-group", dockerfile)
+    assert uid
+    assert re.search(rf"(?m)^USER {uid.group(1)}:{uid.group(1)}$", dockerfile)
+    labels = dict(re.findall(r'org\.opencontainers\.image\.(\w+)="([^"]*)"', dockerfile))
+    assert {"title", "description", "licenses", "source"} <= set(labels)
+    license_ = re.search(r'license = \{ text = "([^"]+)" \}', (ROOT / "pyproject.toml").read_text())
+    assert license_
+    assert labels["licenses"] == license_.group(1)
     assert 'ENTRYPOINT ["celery-obs"]' in dockerfile
     # The image's setup jobs and direct Elasticsearch output need the client extra.
     assert 'pip install "/tmp/src[elasticsearch]"' in dockerfile
