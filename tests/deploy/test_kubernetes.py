@@ -1,0 +1,102 @@
+"""deploy/kubernetes/base: built with kustomize as `kubectl apply -k` would, every object valid
+against the Kubernetes schemas (strict: an unknown field fails), and hardened as promised."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from typing import Any
+
+import pytest
+import yaml
+
+from support import ROOT
+
+BASE = ROOT / "deploy" / "kubernetes" / "base"
+#: A recent Kubernetes whose schemas kubernetes-validate bundles.
+KUBERNETES_VERSION = "1.32.0"
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("kubectl") is None, reason="needs kubectl (with its built-in kustomize)"
+)
+
+
+def build(path=BASE) -> list[dict[str, Any]]:
+    result = subprocess.run(
+        ["kubectl", "kustomize", str(path)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def by_kind(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    kinds = {obj["kind"]: obj for obj in objects}
+    assert len(kinds) == len(objects), "one object of each kind"
+    return kinds
+
+
+def test_every_object_is_valid_against_the_kubernetes_schemas() -> None:
+    validate = pytest.importorskip("kubernetes_validate")
+    objects = build()
+    assert sorted(obj["kind"] for obj in objects) == [
+        "Deployment",
+        "NetworkPolicy",
+        "Service",
+        "ServiceAccount",
+    ]
+    for obj in objects:
+        validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_schemas_check_would_catch_a_misspelt_field() -> None:
+    validate = pytest.importorskip("kubernetes_validate")
+    service = by_kind(build())["Service"]
+    service["spec"]["ports"][0]["targetPrt"] = "metrics"
+    with pytest.raises(validate.ValidationError):
+        validate.validate(service, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_exporter_runs_hardened_as_the_image_user() -> None:
+    objects = by_kind(build())
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    uid = re.search(r"--uid (\d+)", (ROOT / "Dockerfile").read_text())
+    assert uid
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": int(uid.group(1)),
+        "runAsGroup": int(uid.group(1)),
+        "fsGroup": int(uid.group(1)),
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert pod["automountServiceAccountToken"] is False
+    assert objects["ServiceAccount"]["automountServiceAccountToken"] is False
+    [container] = pod["containers"]
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert set(container["resources"]) == {"requests", "limits"}
+    [env] = container["env"]
+    assert env["name"] == "CELERY_OBS_BROKER_URL"  # never in the manifest, from a Secret
+    assert env["valueFrom"]["secretKeyRef"] == {"name": "celery-exporter", "key": "broker-url"}
+
+
+def test_probes_scrapes_and_the_network_policy_meet_at_the_metrics_port() -> None:
+    objects = by_kind(build())
+    [container] = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9808, "protocol": "TCP"}]
+    # Ready while consuming; alive through a broker outage (see docs/exporter.md).
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"}
+    [port] = objects["Service"]["spec"]["ports"]
+    assert (port["name"], port["port"], port["targetPort"]) == ("metrics", 9808, "metrics")
+    pods = objects["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert objects["Service"]["spec"]["selector"].items() <= pods.items()
+    policy = objects["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= pods.items()
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    assert [p["port"] for rule in policy["ingress"] for p in rule["ports"]] == ["metrics"]
+    egress = {p["port"] for rule in policy["egress"] for p in rule["ports"]}
+    assert egress == {53, 6379, 26379, 5672, 5671}  # DNS and the brokers, nothing else
