@@ -100,3 +100,59 @@ def test_probes_scrapes_and_the_network_policy_meet_at_the_metrics_port() -> Non
     assert [p["port"] for rule in policy["ingress"] for p in rule["ports"]] == ["metrics"]
     egress = {p["port"] for rule in policy["egress"] for p in rule["ports"]}
     assert egress == {53, 6379, 26379, 5672, 5671}  # DNS and the brokers, nothing else
+
+
+@pytest.mark.broker
+def test_the_container_runs_as_kubernetes_would_run_it_and_its_probes_tell_the_truth(
+    tmp_path,
+) -> None:
+    """The manifest's args and env (the Secret's data decoded, as the kubelet does), from a
+    read-only working directory; its probes at the manifest's paths, broker up and down. The
+    port is a free one here: in a pod, containerPort is the pod's own."""
+    import base64
+    import os
+    import sys
+
+    from brokers import RedisServer
+    from support import Process, free_port, http_get, wait_for
+
+    [container] = by_kind(build())["Deployment"]["spec"]["template"]["spec"]["containers"]
+    probes = {
+        kind: container[f"{kind}Probe"]["httpGet"]["path"] for kind in ("liveness", "readiness")
+    }
+    server = RedisServer()
+    secret = {"broker-url": base64.b64encode(server.url().encode()).decode()}  # a Secret's data
+    env = {}
+    for variable in container["env"]:
+        ref = variable["valueFrom"]["secretKeyRef"]
+        env[variable["name"]] = base64.b64decode(secret[ref["key"]]).decode()
+    port = free_port()
+    env["CELERY_OBS_WEB_LISTEN_ADDRESS"] = f"127.0.0.1:{port}"
+    workdir = tmp_path / "app"
+    workdir.mkdir()
+    workdir.chmod(0o555)  # readOnlyRootFilesystem: nothing may be written where it runs
+    exporter = Process(
+        [sys.executable, "-m", "celery_obs", *container["args"]], env=env, cwd=workdir
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def probe(kind: str) -> tuple[int, str]:
+        try:
+            return http_get(base + probes[kind])
+        except OSError as exc:
+            return 0, str(exc)
+
+    try:
+        wait_for(lambda: probe("readiness")[0] == 200, 30, "ready with the broker up")
+        assert probe("liveness")[0] == 200
+        server.kill()
+        wait_for(lambda: probe("readiness")[0] == 503, 30, "not ready with the broker down")
+        assert probe("liveness") == (200, "ok: alive, reconnecting to the broker\n")
+        server.start()
+        wait_for(lambda: probe("readiness")[0] == 200, 30, "ready again")
+        assert "broker-url" not in exporter.output()
+        assert os.listdir(workdir) == []
+    finally:
+        exporter.close()
+        server.close()
+        workdir.chmod(0o755)
