@@ -1,4 +1,5 @@
-"""`celery-obs rules alerts|periodic`: write Prometheus rule files for your cluster."""
+"""`celery-obs rules alerts|prometheus-rule|periodic`: write Prometheus rule files for your
+cluster."""
 
 from __future__ import annotations
 
@@ -53,6 +54,29 @@ def add_rules_parser(commands: argparse._SubParsersAction) -> None:
     _add_links(shipped)
     shipped.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="Directory to write the files to."
+    )
+
+    operator = actions.add_parser(
+        "prometheus-rule",
+        help="Write the same rules as one Prometheus Operator PrometheusRule.",
+        description=(
+            "Write the recording and alert rules as a PrometheusRule object (the "
+            "deploy/kubernetes prometheus-rule component is its default output)."
+        ),
+    )
+    operator.add_argument(
+        "--selector",
+        default=DEFAULT_SELECTOR,
+        metavar="MATCHERS",
+        help="Label matchers that select the exporter's series and its `up` [default "
+        "%(default)s: the ServiceMonitor's job for the Service named celery-exporter]",
+    )
+    operator.add_argument(
+        "--name", default="celery-exporter", help="The object's name [default %(default)s]"
+    )
+    _add_links(operator)
+    operator.add_argument(
+        "--out", type=Path, metavar="FILE", help="Write here instead of to standard output."
     )
 
     beat = actions.add_parser(
@@ -127,10 +151,21 @@ def _periodic(args: argparse.Namespace, links: Links) -> int:
     return 0
 
 
+def _prometheus_rule(args: argparse.Namespace, links: Links) -> int:
+    text = alerts.prometheus_rule(args.selector, links, args.name)
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    _write(args.out, text)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     links = Links(args.runbook_url, args.grafana_url)
+    actions = {"alerts": _alerts, "periodic": _periodic, "prometheus-rule": _prometheus_rule}
     try:
-        return (_alerts if args.action == "alerts" else _periodic)(args, links)
+        return actions[args.action](args, links)
     except RulesError as exc:
         print(f"celery-obs rules: {exc}", file=sys.stderr)
         return 1 if str(exc).startswith("cannot ") else 2

@@ -163,5 +163,10 @@ def expr(text: str) -> str:
 
 def dump(header: str, groups: list[dict]) -> str:
     """A rule file as YAML text; the same input gives the same bytes."""
+    return dump_object(header, {"groups": groups})
+
+
+def dump_object(header: str, document: dict) -> str:
+    """Any YAML document with a comment header; the same input gives the same bytes."""
     comment = "".join(f"# {line}".rstrip() + "\n" for line in header.strip().splitlines())
-    return comment + yaml.dump({"groups": groups}, Dumper=_Dumper, sort_keys=False, width=100)
+    return comment + yaml.dump(document, Dumper=_Dumper, sort_keys=False, width=100)

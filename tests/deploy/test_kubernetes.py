@@ -3,6 +3,7 @@ against the Kubernetes schemas (strict: an unknown field fails), and hardened as
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -110,7 +111,6 @@ def test_the_container_runs_as_kubernetes_would_run_it_and_its_probes_tell_the_t
     read-only working directory; its probes at the manifest's paths, broker up and down. The
     port is a free one here: in a pod, containerPort is the pod's own."""
     import base64
-    import os
     import sys
 
     from brokers import RedisServer
@@ -156,3 +156,56 @@ def test_the_container_runs_as_kubernetes_would_run_it_and_its_probes_tell_the_t
         exporter.close()
         server.close()
         workdir.chmod(0o755)
+
+
+COMPONENTS = ROOT / "deploy" / "kubernetes" / "components"
+PROMETHEUS_RULE = COMPONENTS / "prometheus-rule" / "prometheusrule.yaml"
+
+
+def test_the_prometheus_rule_is_what_the_generator_writes(tmp_path, capsys) -> None:
+    from celery_obs import cli
+
+    out = tmp_path / "rule.yaml"
+    assert cli.main(["rules", "prometheus-rule", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert out.read_text() == PROMETHEUS_RULE.read_text(), (
+        "stale: celery-obs rules prometheus-rule --out " + str(PROMETHEUS_RULE.relative_to(ROOT))
+    )
+
+
+def test_the_base_with_the_prometheus_rule_component_builds_and_its_rules_pass_promtool(
+    tmp_path,
+) -> None:
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                # kustomize takes directories by relative path only.
+                "resources": [os.path.relpath(BASE, overlay)],
+                "components": [os.path.relpath(COMPONENTS / "prometheus-rule", overlay)],
+            }
+        )
+    )
+    objects = by_kind(build(overlay))
+    rule = objects["PrometheusRule"]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    # Same rules as the compose stack's prometheus/rules/.
+    shipped = [
+        group
+        for path in sorted((ROOT / "prometheus" / "rules").glob("*.yml"))
+        for group in yaml.safe_load(path.read_text())["groups"]
+    ]
+    assert sorted(rule["spec"]["groups"], key=lambda g: g["name"]) == sorted(
+        shipped, key=lambda g: g["name"]
+    )
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool not installed (apt-get install prometheus)")
+    groups = tmp_path / "groups.yml"
+    groups.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    result = subprocess.run(
+        ["promtool", "check", "rules", str(groups)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
