@@ -60,6 +60,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="Kibana base URL for the task log links (also a dashboard variable) "
         "[default http://localhost:5601]",
     )
+    dashboards.add_argument(
+        "--configmap",
+        metavar="FILE",
+        help="Also write them as one ConfigMap for the Grafana sidecar (Kubernetes), e.g. "
+        "deploy/kubernetes/components/grafana-dashboards/configmap.yaml",
+    )
     add_setup_parser(commands, environ)
 
     assets_parser = commands.add_parser(
@@ -78,8 +84,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     return parser
 
 
-def write_dashboards(out: Path, kibana_url: str) -> int:
+def write_dashboards(out: Path, kibana_url: str, configmap: Path | None = None) -> int:
     try:
+        from .dashboards import configmap as dashboards_configmap
         from .dashboards import write_all
     except ImportError as exc:  # grafanalib is an optional extra
         print(
@@ -90,6 +97,13 @@ def write_dashboards(out: Path, kibana_url: str) -> int:
         return 2
     for path in write_all(out, kibana_url):
         print(f"wrote {path}")
+    if configmap is not None:
+        try:
+            configmap.write_text(dashboards_configmap(kibana_url))
+        except OSError as exc:
+            print(f"celery-obs: cannot write {configmap}: {exc.strerror}", file=sys.stderr)
+            return 1
+        print(f"wrote {configmap}")
     return 0
 
 
@@ -114,7 +128,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     parser = build_parser(environ)
     args = parser.parse_args(argv)
     if args.command == "dashboards":
-        return write_dashboards(Path(args.out), args.kibana_url)
+        configmap = Path(args.configmap) if args.configmap else None
+        return write_dashboards(Path(args.out), args.kibana_url, configmap)
     if args.command == "setup":
         return run_setup(args, environ)
     if args.command == "assets":

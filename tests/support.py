@@ -272,3 +272,28 @@ def send_many(
     app: Celery, calls: Iterable[tuple[str, tuple[Any, ...], dict[str, Any]]]
 ) -> list[str]:
     return [app.send_task(name, args, **options).id for name, args, options in calls]
+
+
+def keys_lost(original: object, parsed: object, path: str = "") -> list[str]:
+    """Every key or value of `original` that `parsed` does not have, by its path."""
+    if isinstance(original, dict):
+        if not isinstance(parsed, dict):
+            return [path]
+        return [
+            lost
+            for key, value in original.items()
+            for lost in (
+                [f"{path}.{key}"]
+                if key not in parsed
+                else keys_lost(value, parsed[key], f"{path}.{key}")
+            )
+        ]
+    if isinstance(original, list):
+        if not isinstance(parsed, list) or len(parsed) != len(original):
+            return [path]
+        return [
+            lost
+            for a, b in zip(original, parsed, strict=True)
+            for lost in keys_lost(a, b, f"{path}[]")
+        ]
+    return [] if original == parsed else [f"{path}: {original!r} -> {parsed!r}"]

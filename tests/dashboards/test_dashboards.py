@@ -15,7 +15,7 @@ from celery_obs.exporter.metrics import BY_NAME
 from celery_obs.rules import alerts as rules
 from celery_obs.rules.promql import DEDUP, OVERVIEW_UID, TASK_UID, WORKERS_UID
 
-from support import ROOT
+from support import ROOT, keys_lost
 
 COMMITTED = ROOT / "grafana" / "dashboards"
 RULES = ROOT / "prometheus" / "rules"
@@ -72,31 +72,6 @@ def test_modern_grafana_json(filename: str) -> None:
             assert panel["targets"], panel["title"]
             for target in panel["targets"]:
                 assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
-
-
-def keys_lost(original: object, parsed: object, path: str = "") -> list[str]:
-    """Every key or value of `original` that `parsed` does not have, by its path."""
-    if isinstance(original, dict):
-        if not isinstance(parsed, dict):
-            return [path]
-        return [
-            lost
-            for key, value in original.items()
-            for lost in (
-                [f"{path}.{key}"]
-                if key not in parsed
-                else keys_lost(value, parsed[key], f"{path}.{key}")
-            )
-        ]
-    if isinstance(original, list):
-        if not isinstance(parsed, list) or len(parsed) != len(original):
-            return [path]
-        return [
-            lost
-            for a, b in zip(original, parsed, strict=True)
-            for lost in keys_lost(a, b, f"{path}[]")
-        ]
-    return [] if original == parsed else [f"{path}: {original!r} -> {parsed!r}"]
 
 
 @pytest.mark.parametrize("filename", sorted(DASHBOARDS))

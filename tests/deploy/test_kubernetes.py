@@ -3,6 +3,7 @@ against the Kubernetes schemas (strict: an unknown field fails), and hardened as
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from support import ROOT
+from support import ROOT, keys_lost
 
 BASE = ROOT / "deploy" / "kubernetes" / "base"
 #: A recent Kubernetes whose schemas kubernetes-validate bundles.
@@ -209,3 +210,99 @@ def test_the_base_with_the_prometheus_rule_component_builds_and_its_rules_pass_p
         ["promtool", "check", "rules", str(groups)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+COMPONENT_NAMES = ("prometheus-rule", "service-monitor", "high-availability", "grafana-dashboards")
+#: Objects of the Prometheus Operator, checked against its models instead.
+OPERATOR_KINDS = {"PrometheusRule", "ServiceMonitor"}
+
+
+def overlay(tmp_path, components: tuple[str, ...]) -> list[dict[str, Any]]:
+    directory = tmp_path / ("overlay-" + "-".join(components or ("none",)))
+    directory.mkdir()
+    (directory / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(BASE, directory)],
+                "components": [os.path.relpath(COMPONENTS / c, directory) for c in components],
+            }
+        )
+    )
+    return build(directory)
+
+
+@pytest.mark.parametrize(
+    "components",
+    [
+        combo
+        for n in range(len(COMPONENT_NAMES) + 1)
+        for combo in itertools.combinations(COMPONENT_NAMES, n)
+    ],
+    ids=lambda combo: "+".join(combo) or "base",
+)
+def test_every_component_combination_builds_and_validates(tmp_path, components) -> None:
+    """Kubernetes objects against the Kubernetes schemas (strict); the Operator's objects
+    against the Prometheus Operator's models (cloudcoil), losing no key on a round trip."""
+    validate = pytest.importorskip("kubernetes_validate")
+    operator = pytest.importorskip("cloudcoil.models.prometheus_operator.v1")
+    objects = overlay(tmp_path, components)
+    kinds = {obj["kind"] for obj in objects}
+    assert ("PrometheusRule" in kinds) == ("prometheus-rule" in components)
+    assert ("ServiceMonitor" in kinds) == ("service-monitor" in components)
+    assert ("PodDisruptionBudget" in kinds) == ("high-availability" in components)
+    assert ("ConfigMap" in kinds) == ("grafana-dashboards" in components)
+    for obj in objects:
+        assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "celery-observability"
+        if obj["kind"] in OPERATOR_KINDS:
+            model = getattr(operator, obj["kind"]).model_validate(obj)
+            dumped = model.model_dump(mode="json", by_alias=True, exclude_none=True)
+            assert keys_lost(obj, dumped) == [], obj["kind"]
+        else:
+            validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_service_monitor_scrapes_the_services_metrics_port(tmp_path) -> None:
+    objects = by_kind(overlay(tmp_path, ("service-monitor",)))
+    monitor, service = objects["ServiceMonitor"]["spec"], objects["Service"]
+    assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert [e["port"] for e in monitor["endpoints"]] == [
+        p["name"] for p in service["spec"]["ports"]
+    ]
+    # The job label is the Service's name: the one the PrometheusRule's selector names.
+    assert 'job="' + service["metadata"]["name"] + '"' in PROMETHEUS_RULE.read_text()
+
+
+def test_high_availability_runs_two_apart_and_keeps_one_through_a_drain(tmp_path) -> None:
+    objects = by_kind(overlay(tmp_path, ("high-availability",)))
+    deployment = objects["Deployment"]["spec"]
+    assert deployment["replicas"] == 2
+    [term] = deployment["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    pods = deployment["template"]["metadata"]["labels"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= pods.items()
+    budget = objects["PodDisruptionBudget"]["spec"]
+    assert budget["minAvailable"] == 1
+    assert budget["selector"]["matchLabels"].items() <= pods.items()
+
+
+DASHBOARDS_CONFIGMAP = COMPONENTS / "grafana-dashboards" / "configmap.yaml"
+
+
+def test_the_dashboards_configmap_holds_the_committed_dashboards_for_the_sidecar() -> None:
+    pytest.importorskip("grafanalib")
+    from celery_obs.dashboards import configmap
+
+    text = DASHBOARDS_CONFIGMAP.read_text()
+    assert text == configmap(), "stale: celery-obs dashboards --configmap " + str(
+        DASHBOARDS_CONFIGMAP.relative_to(ROOT)
+    )
+    document = yaml.safe_load(text)
+    assert document["metadata"]["labels"] == {"grafana_dashboard": "1"}
+    files = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
+    assert document["data"] == {path.name: path.read_text() for path in files}
+    # kubectl apply keeps the whole object in an annotation of at most 256 KiB.
+    assert len(text.encode()) < 250_000
