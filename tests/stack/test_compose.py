@@ -749,6 +749,10 @@ def test_e2e_workflow_brings_the_stack_up_checks_and_always_tears_down() -> None
     assert any("cp .env.example .env" in run for run in runs)
     assert "docker compose up -d --build" in runs
     assert "scripts/e2e-check" in runs
+    # The README's image size budget is enforced where a Docker engine runs.
+    budget = re.search(r"size budget of (\d+) MB", (ROOT / "README.md").read_text())
+    assert budget
+    assert any(f"test \"$size\" -le {budget.group(1)}000000" in run for run in runs)
     [teardown] = [step for step in steps if "down -v" in step.get("run", "")]
     assert teardown["if"] == "always()"
     [dump] = [step for step in steps if "docker compose logs" in step.get("run", "")]
