@@ -38,8 +38,11 @@ COPY compose/ /app/compose/
 # By number: Kubernetes' runAsNonRoot cannot tell that a user *name* is not root.
 USER 10001:10001
 
-# No HEALTHCHECK here: the image runs the exporter, workers and one-shot setup jobs, which are
-# healthy in different ways; docker-compose.yml gives each service its own check.
+# One check for every role the image runs: the exporter's /livez (alive, even while its broker
+# is away) when it runs the exporter; workers and setup jobs are healthy while they run.
+# docker-compose.yml gives its services checks of their own, which replace this one.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["python", "-m", "celery_obs.healthcheck"]
 EXPOSE 9808
 ENTRYPOINT ["celery-obs"]
 CMD ["exporter", "--help"]

@@ -483,6 +483,8 @@ def test_dockerfile_runs_as_a_user_and_copies_what_exists() -> None:
     assert license_
     assert labels["licenses"] == license_.group(1)
     assert 'ENTRYPOINT ["celery-obs"]' in dockerfile
+    # The role-aware check of tests/test_healthcheck.py.
+    assert 'CMD ["python", "-m", "celery_obs.healthcheck"]' in dockerfile
     # The image's setup jobs and direct Elasticsearch output need the client extra.
     assert 'pip install "/tmp/src[elasticsearch]"' in dockerfile
 
@@ -752,7 +754,7 @@ def test_e2e_workflow_brings_the_stack_up_checks_and_always_tears_down() -> None
     # The README's image size budget is enforced where a Docker engine runs.
     budget = re.search(r"size budget of (\d+) MB", (ROOT / "README.md").read_text())
     assert budget
-    assert any(f"test \"$size\" -le {budget.group(1)}000000" in run for run in runs)
+    assert any(f'test "$size" -le {budget.group(1)}000000' in run for run in runs)
     [teardown] = [step for step in steps if "down -v" in step.get("run", "")]
     assert teardown["if"] == "always()"
     [dump] = [step for step in steps if "docker compose logs" in step.get("run", "")]

@@ -1,0 +1,78 @@
+"""The image's HEALTHCHECK: the exporter's /livez when the container runs it, else healthy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from celery_obs.healthcheck import livez_url
+
+from support import ExporterProcess
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "expected"),
+    [
+        (["celery-obs", "exporter"], {}, "http://127.0.0.1:9808/livez"),
+        (["/sbin/docker-init", "--", "celery-obs", "exporter"], {}, "http://127.0.0.1:9808/livez"),
+        (
+            ["celery-obs", "exporter", "--web.listen-address", "0.0.0.0:9100"],
+            {},
+            "http://127.0.0.1:9100/livez",
+        ),
+        (
+            ["celery-obs", "exporter", "--web.listen-address=[::]:9100"],
+            {},
+            "http://[::1]:9100/livez",
+        ),
+        (
+            ["celery-obs", "exporter"],
+            {"CELERY_OBS_WEB_LISTEN_ADDRESS": "10.0.0.5:9200"},
+            "http://10.0.0.5:9200/livez",
+        ),
+        (
+            ["celery-obs", "exporter", "--web.config.file", "/etc/web.yml"],
+            {},
+            "https://127.0.0.1:9808/livez",
+        ),
+        (["celery", "-A", "proj", "worker"], {}, None),
+        (["celery-obs", "setup", "kibana"], {}, None),
+    ],
+)
+def test_the_check_asks_the_exporter_where_it_listens(argv, environ, expected) -> None:
+    assert livez_url(argv, environ) == expected
+
+
+def run_check(
+    tmp_path, *argv: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_bytes(b"\0".join(arg.encode() for arg in argv) + b"\0")
+    return subprocess.run(
+        [sys.executable, "-m", "celery_obs.healthcheck", str(cmdline)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+@pytest.mark.broker
+def test_a_running_exporter_is_healthy_and_a_gone_one_is_not(tmp_path, redis_url) -> None:
+    exporter = ExporterProcess(redis_url)
+    try:
+        exporter.wait_healthy()
+        address = f"127.0.0.1:{exporter.port}"
+        ran = run_check(tmp_path, "celery-obs", "exporter", "--web.listen-address", address)
+        assert (ran.returncode, ran.stdout) == (
+            0,
+            f"http://{address}/livez: ok: alive, consuming events\n",
+        )
+    finally:
+        exporter.close()
+    gone = run_check(tmp_path, "celery-obs", "exporter", "--web.listen-address", address)
+    assert gone.returncode == 1
+    assert "Connection refused" in gone.stdout
+    worker = run_check(tmp_path, "celery", "-A", "proj", "worker")
+    assert (worker.returncode, worker.stdout) == (0, "")
