@@ -143,21 +143,20 @@ def _periodic(args: argparse.Namespace, links: Links) -> int:
         raise RulesError("no tasks given")
     tasks = [periodic.parse_periodic(spec) for spec in specs]
     text = periodic.periodic_rules(tasks, args.selector, args.severity, links)
-    if args.out is None:
-        sys.stdout.write(text)
-        return 0
-    _write(args.out, text)
-    print(f"wrote {args.out}: {2 * len(tasks)} rules for {len(tasks)} periodic tasks")
-    return 0
+    return _output(text, args.out, f": {2 * len(tasks)} rules for {len(tasks)} periodic tasks")
 
 
 def _prometheus_rule(args: argparse.Namespace, links: Links) -> int:
-    text = alerts.prometheus_rule(args.selector, links, args.name)
-    if args.out is None:
+    return _output(alerts.prometheus_rule(args.selector, links, args.name), args.out)
+
+
+def _output(text: str, out: Path | None, what: str = "") -> int:
+    """To `out` (saying so), or to standard output without one."""
+    if out is None:
         sys.stdout.write(text)
         return 0
-    _write(args.out, text)
-    print(f"wrote {args.out}")
+    _write(out, text)
+    print(f"wrote {out}{what}")
     return 0
 
 

@@ -177,20 +177,7 @@ def test_the_prometheus_rule_is_what_the_generator_writes(tmp_path, capsys) -> N
 def test_the_base_with_the_prometheus_rule_component_builds_and_its_rules_pass_promtool(
     tmp_path,
 ) -> None:
-    overlay = tmp_path / "overlay"
-    overlay.mkdir()
-    (overlay / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                # kustomize takes directories by relative path only.
-                "resources": [os.path.relpath(BASE, overlay)],
-                "components": [os.path.relpath(COMPONENTS / "prometheus-rule", overlay)],
-            }
-        )
-    )
-    objects = by_kind(build(overlay))
+    objects = by_kind(overlay(tmp_path, ("prometheus-rule",)))
     rule = objects["PrometheusRule"]
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
     # Same rules as the compose stack's prometheus/rules/.
