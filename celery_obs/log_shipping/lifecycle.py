@@ -15,7 +15,6 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections import OrderedDict
 from typing import Any
 
 from celery import signals
@@ -25,19 +24,10 @@ from . import task_lines
 from .context import enter, leave
 from .formatter import ECS_ATTR, REDACTED_ATTR
 from .redact import Redactor
+from .task_lines import RECENT as _RECENT
+from .task_lines import Recent as _Recent
 
 logger = logging.getLogger("celery_obs.lifecycle")
-
-_RECENT = 10_000  # task ids remembered: start times, failure de-duplication, context tokens
-
-
-class _Recent(OrderedDict):
-    """A bounded mapping: the oldest entries go first."""
-
-    def remember(self, key: str, value: Any) -> None:
-        self[key] = value
-        if len(self) > _RECENT:
-            self.popitem(last=False)
 
 
 def _time_limit_ns(exception: Any) -> int | None:

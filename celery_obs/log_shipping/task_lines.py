@@ -35,28 +35,30 @@ def _name_id_position(msg: str) -> int | None:
     return len(_CONVERSION.findall(msg[:at].replace("%%", "")))
 
 
+RECENT = 10_000  # task ids remembered (here and by the lifecycle records)
+
+
+class Recent(OrderedDict):
+    """A bounded mapping: the oldest entries go first."""
+
+    def remember(self, key: str, value: Any) -> None:
+        self[key] = value
+        if len(self) > RECENT:
+            self.popitem(last=False)
+
+
 #: Task id -> name of the tasks this process received lately (lifecycle.on_received): the
 #: control commands' lines name only the id, of a task running, prefetched or waiting for its
 #: ETA here.
-_RECEIVED: OrderedDict[str, str] = OrderedDict()
-_RECEIVED_MAX = 10_000
-
-
-def remember(task_id: str, name: str) -> None:
-    _RECEIVED[task_id] = name
-    if len(_RECEIVED) > _RECEIVED_MAX:
-        _RECEIVED.popitem(last=False)
-
-
-def _name_of(task_id: str) -> str | None:
-    return _RECEIVED.get(task_id)
+_RECEIVED = Recent()
+remember = _RECEIVED.remember
 
 
 def _task(task_id: Any, name: Any) -> dict[str, Any] | None:
     if not isinstance(task_id, str) or not task_id:
         return None
     task: dict[str, Any] = {"id": task_id}
-    name = name if isinstance(name, str) and name else _name_of(task_id)
+    name = name if isinstance(name, str) and name else _RECEIVED.get(task_id)
     if name:
         task["name"] = name
     return task
