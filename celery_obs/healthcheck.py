@@ -3,8 +3,8 @@
 The image runs the exporter, Celery workers and one-shot setup jobs; only the exporter serves
 a health endpoint. So: when the container's command is `celery-obs exporter`, ask its `/livez`
 (alive, even through a broker outage: restarting it would not bring the broker back) at the
-address it listens on; any other command is healthy while it runs. An answer of 401 (basic
-auth on the endpoint) also means alive.
+address it listens on; any other command is healthy while it runs. The probe paths answer
+without credentials even when the endpoint has basic auth, so the check needs none.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
+
+import yaml
 
 DEFAULT_LISTEN = ":9808"
 LISTEN_FLAG = "--web.listen-address"
@@ -44,8 +46,21 @@ def livez_url(argv: Sequence[str], environ: Mapping[str, str]) -> str | None:
         host = "::1"
     if ":" in host:
         host = f"[{host}]"
-    tls = _flag(argv, "--web.config.file") or environ.get("CELERY_OBS_WEB_CONFIG_FILE")
+    web_config = _flag(argv, "--web.config.file") or environ.get("CELERY_OBS_WEB_CONFIG_FILE")
+    tls = web_config is not None and _serves_tls(web_config)
     return f"{'https' if tls else 'http'}://{host}:{port}/livez"
+
+
+def _serves_tls(web_config: str) -> bool:
+    # A web config may hold only basic auth users: then the endpoint speaks plain HTTP. (Trying
+    # HTTPS first would not tell quickly: a plain server waits for a request head that a TLS
+    # hello never completes.) A file this check cannot read is one the exporter reads as HTTPS.
+    try:
+        with open(web_config, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+    except (OSError, ValueError, yaml.YAMLError):
+        return True
+    return not isinstance(config, dict) or bool(config.get("tls_server_config"))
 
 
 def alive(url: str, timeout: float = 4.0) -> tuple[bool, str]:
@@ -61,7 +76,7 @@ def alive(url: str, timeout: float = 4.0) -> tuple[bool, str]:
         with urllib.request.urlopen(url, timeout=timeout, context=context) as response:  # noqa: S310
             return True, response.read().decode(errors="replace").strip()
     except urllib.error.HTTPError as exc:
-        return exc.code == 401, f"{exc.code} {exc.reason}"
+        return False, f"{exc.code} {exc.reason}"
     except OSError as exc:
         return False, str(exc)
 

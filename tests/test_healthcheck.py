@@ -9,7 +9,7 @@ import pytest
 
 from celery_obs.healthcheck import livez_url
 
-from support import ExporterProcess
+from support import ExporterProcess, wait_for
 
 
 @pytest.mark.parametrize(
@@ -76,3 +76,37 @@ def test_a_running_exporter_is_healthy_and_a_gone_one_is_not(tmp_path, redis_url
     assert "Connection refused" in gone.stdout
     worker = run_check(tmp_path, "celery", "-A", "proj", "worker")
     assert (worker.returncode, worker.stdout) == (0, "")
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("tls", [True, False], ids=["tls-and-auth", "auth-only"])
+def test_the_check_needs_no_credentials_over_http_or_https(
+    tmp_path, redis_url, certificate, tls
+) -> None:
+    """With basic auth on, /livez still answers a check that has no credentials; the check
+    speaks HTTPS only when the web config serves TLS."""
+    import shutil
+
+    import bcrypt
+
+    hashed = bcrypt.hashpw(b"secret", bcrypt.gensalt(rounds=4)).decode()
+    lines = [f"basic_auth_users:\n  prometheus: '{hashed}'\n"]
+    if tls:
+        for source in certificate:
+            shutil.copy(source, tmp_path / source.name)
+        lines.append(
+            f"tls_server_config:\n  cert_file: {certificate[0].name}\n"
+            f"  key_file: {certificate[1].name}\n"
+        )
+    config = tmp_path / "web-config.yml"
+    config.write_text("".join(lines))
+    exporter = ExporterProcess(redis_url, "--web.config.file", str(config))
+    address = f"127.0.0.1:{exporter.port}"
+    argv = ("celery-obs", "exporter", "--web.listen-address", address, "--web.config.file")
+    argv += (str(config),)
+    try:
+        wait_for(lambda: run_check(tmp_path, *argv).returncode == 0, 30, "the check passes")
+        scheme = "https" if tls else "http"
+        assert run_check(tmp_path, *argv).stdout == f"{scheme}://{address}/livez: ok\n"
+    finally:
+        exporter.close()

@@ -87,6 +87,16 @@ class Limits:
     max_headers: int = 100
 
 
+#: Health probes: answered to requests without credentials too (see `_Connection._answer`).
+PROBES = frozenset({"/readyz", "/healthz", "/livez"})
+
+
+def _path_of(target: str) -> str:
+    if not target.startswith("/"):  # absolute form (RFC 9112 3.2.2): the path is what counts
+        target = urlsplit(target).path or "/"
+    return target.split("?", 1)[0]
+
+
 class _Connection:
     """One client connection: reads bounded request heads and answers them, kept alive if asked."""
 
@@ -163,14 +173,22 @@ class _Connection:
 
     def _answer(self, request: Request) -> bool:
         config, auth = self.server.security()
-        if auth is not None and not auth.allows(request.headers.get("authorization")):
+        path = _path_of(request.target)
+        credentials = request.headers.get("authorization")
+        reading = request.method in ("GET", "HEAD")
+        if reading and path in PROBES and auth is not None and credentials is None:
+            # A kubelet or Docker probe carries no credentials, and putting them in a manifest
+            # would spread the password. It gets the probe's answer, up or down, without the
+            # reason (which names the broker); sent credentials are checked as anywhere else.
+            status, body, content_type, extra = self._probe(path, detailed=False)
+        elif auth is not None and not auth.allows(credentials):
             status, body, content_type = 401, b"Unauthorized\n", _TEXT
             extra = {"WWW-Authenticate": 'Basic realm="celery-obs"'}
-        elif request.method not in ("GET", "HEAD"):
+        elif not reading:
             status, body, content_type = 405, b"Method not allowed: use GET or HEAD\n", _TEXT
             extra = {"Allow": "GET, HEAD"}
         else:
-            status, body, content_type, extra = self._route(request)
+            status, body, content_type, extra = self._route(path, request)
         keep_alive = request.keep_alive
         self._send(
             status,
@@ -184,12 +202,8 @@ class _Connection:
         log.debug("%s %s %s -> %d", self.peer, request.method, request.target, status)
         return keep_alive
 
-    def _route(self, request: Request) -> tuple[int, bytes, str, dict[str, str]]:
+    def _route(self, path: str, request: Request) -> tuple[int, bytes, str, dict[str, str]]:
         server = self.server
-        target = request.target
-        if not target.startswith("/"):  # absolute form (RFC 9112 3.2.2): the path is what counts
-            target = urlsplit(target).path or "/"
-        path = target.split("?", 1)[0]
         if path == "/metrics":
             try:
                 rendered = server.renderings[wants_openmetrics(request.headers.get("accept"))]()
@@ -201,15 +215,20 @@ class _Connection:
                 extra["Content-Encoding"] = "gzip"
                 return 200, rendered.gzipped(), rendered.content_type, extra
             return 200, rendered.body, rendered.content_type, extra
-        if path in ("/readyz", "/healthz", "/livez"):
-            # /readyz: connected and consuming (fresh metrics); /healthz is its old name.
-            # /livez: the process works, even while the broker is away.
-            check = server.liveness if path == "/livez" else server.health
-            healthy, reason = check()
-            return (200 if healthy else 503), f"{reason}\n".encode(), _TEXT, {}
+        if path in PROBES:
+            return self._probe(path, detailed=True)
         if path == "/":
             return 200, LANDING_PAGE.encode(), "text/html; charset=utf-8", {}
         return 404, b"Not found: try /metrics, /readyz or /livez\n", _TEXT, {}
+
+    def _probe(self, path: str, *, detailed: bool) -> tuple[int, bytes, str, dict[str, str]]:
+        # /readyz: connected and consuming (fresh metrics); /healthz is its old name.
+        # /livez: the process works, even while the broker is away.
+        check = self.server.liveness if path == "/livez" else self.server.health
+        healthy, reason = check()
+        if not detailed:
+            reason = "ok" if healthy else "not ok: send credentials for the reason"
+        return (200 if healthy else 503), f"{reason}\n".encode(), _TEXT, {}
 
     def _send(
         self,

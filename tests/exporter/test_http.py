@@ -180,6 +180,46 @@ def test_wrong_or_missing_credentials_get_401(tls_server) -> None:
         assert (status, body) == (401, "Unauthorized\n")
 
 
+@pytest.mark.parametrize("healthy", [True, False])
+def test_probes_without_credentials_get_up_or_down_but_not_the_reason(
+    tmp_path, certificate, registry, healthy
+) -> None:
+    """Kubelet and Docker probes carry no credentials: with basic auth on, the probe paths
+    still answer them (status only; the reason names the broker), and nothing else does."""
+    cert, key = certificate
+    for source in certificate:
+        shutil.copy(source, tmp_path / source.name)
+    reason = "ok: connected to redis://127.0.0.1:6379/0" if healthy else "not connected to x"
+    server = serve(
+        registry,
+        load_web_config(str(write_web_config(tmp_path, cert, key))),
+        health=lambda: (healthy, reason),
+    )
+    client = ssl.create_default_context(cafile=str(cert))
+    status = 200 if healthy else 503
+    terse = "ok\n" if healthy else "not ok: send credentials for the reason\n"
+    try:
+        for path in ("/readyz", "/healthz", "/readyz?verbose=1"):
+            assert http_get(server.url + path, {}, client) == (status, terse)
+            assert http_get(server.url + path, basic("prometheus", PASSWORD), client) == (
+                status,
+                reason + "\n",
+            )
+            assert http_get(server.url + path, basic("prometheus", "wrong"), client)[0] == 401
+        assert http_get(server.url + "/livez", {}, client)[0] == 200
+        for path in ("/metrics", "/", "/nowhere"):
+            assert http_get(server.url + path, {}, client) == (401, "Unauthorized\n")
+        connection = http.client.HTTPSConnection(
+            "127.0.0.1", server.server_address[1], context=client, timeout=5
+        )
+        with contextlib.closing(connection):
+            connection.request("POST", "/livez")  # only reading is anonymous
+            assert connection.getresponse().status == 401
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_plain_http_to_the_https_port_is_refused(tls_server) -> None:
     server, _ = tls_server
     port = server.server_address[1]
