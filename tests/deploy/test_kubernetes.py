@@ -8,34 +8,16 @@ import os
 import re
 import shutil
 import subprocess
-from typing import Any
 
 import pytest
 import yaml
+from manifests import COMPONENTS, KUBERNETES_VERSION, build, by_kind, overlay, secret_env
 
 from support import ROOT, keys_lost
-
-BASE = ROOT / "deploy" / "kubernetes" / "base"
-#: A recent Kubernetes whose schemas kubernetes-validate bundles.
-KUBERNETES_VERSION = "1.32.0"
 
 pytestmark = pytest.mark.skipif(
     shutil.which("kubectl") is None, reason="needs kubectl (with its built-in kustomize)"
 )
-
-
-def build(path=BASE) -> list[dict[str, Any]]:
-    result = subprocess.run(
-        ["kubectl", "kustomize", str(path)], capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
-def by_kind(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    kinds = {obj["kind"]: obj for obj in objects}
-    assert len(kinds) == len(objects), "one object of each kind"
-    return kinds
 
 
 def test_every_object_is_valid_against_the_kubernetes_schemas() -> None:
@@ -111,7 +93,6 @@ def test_the_container_runs_as_kubernetes_would_run_it_and_its_probes_tell_the_t
     """The manifest's args and env (the Secret's data decoded, as the kubelet does), from a
     read-only working directory; its probes at the manifest's paths, broker up and down. The
     port is a free one here: in a pod, containerPort is the pod's own."""
-    import base64
     import sys
 
     from brokers import RedisServer
@@ -122,11 +103,7 @@ def test_the_container_runs_as_kubernetes_would_run_it_and_its_probes_tell_the_t
         kind: container[f"{kind}Probe"]["httpGet"]["path"] for kind in ("liveness", "readiness")
     }
     server = RedisServer()
-    secret = {"broker-url": base64.b64encode(server.url().encode()).decode()}  # a Secret's data
-    env = {}
-    for variable in container["env"]:
-        ref = variable["valueFrom"]["secretKeyRef"]
-        env[variable["name"]] = base64.b64decode(secret[ref["key"]]).decode()
+    env = secret_env(container, {"celery-exporter": {"broker-url": server.url().encode()}})
     port = free_port()
     env["CELERY_OBS_WEB_LISTEN_ADDRESS"] = f"127.0.0.1:{port}"
     workdir = tmp_path / "app"
@@ -159,7 +136,6 @@ def test_the_container_runs_as_kubernetes_would_run_it_and_its_probes_tell_the_t
         workdir.chmod(0o755)
 
 
-COMPONENTS = ROOT / "deploy" / "kubernetes" / "components"
 PROMETHEUS_RULE = COMPONENTS / "prometheus-rule" / "prometheusrule.yaml"
 
 
@@ -199,25 +175,16 @@ def test_the_base_with_the_prometheus_rule_component_builds_and_its_rules_pass_p
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-COMPONENT_NAMES = ("prometheus-rule", "service-monitor", "high-availability", "grafana-dashboards")
+#: In the order docs/kubernetes.md lists them (web-config patches the ServiceMonitor: after it).
+COMPONENT_NAMES = (
+    "service-monitor",
+    "prometheus-rule",
+    "grafana-dashboards",
+    "high-availability",
+    "web-config",
+)
 #: Objects of the Prometheus Operator, checked against its models instead.
 OPERATOR_KINDS = {"PrometheusRule", "ServiceMonitor"}
-
-
-def overlay(tmp_path, components: tuple[str, ...]) -> list[dict[str, Any]]:
-    directory = tmp_path / ("overlay-" + "-".join(components or ("none",)))
-    directory.mkdir()
-    (directory / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "resources": [os.path.relpath(BASE, directory)],
-                "components": [os.path.relpath(COMPONENTS / c, directory) for c in components],
-            }
-        )
-    )
-    return build(directory)
 
 
 @pytest.mark.parametrize(
@@ -240,6 +207,12 @@ def test_every_component_combination_builds_and_validates(tmp_path, components) 
     assert ("ServiceMonitor" in kinds) == ("service-monitor" in components)
     assert ("PodDisruptionBudget" in kinds) == ("high-availability" in components)
     assert ("ConfigMap" in kinds) == ("grafana-dashboards" in components)
+    deployment = next(obj for obj in objects if obj["kind"] == "Deployment")
+    volumes = [v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]]
+    assert ("web-config" in volumes) == ("web-config" in components)
+    for monitor in (obj for obj in objects if obj["kind"] == "ServiceMonitor"):
+        [endpoint] = monitor["spec"]["endpoints"]
+        assert endpoint.get("scheme", "http") == ("https" if "web-config" in components else "http")
     for obj in objects:
         assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "celery-observability"
         if obj["kind"] in OPERATOR_KINDS:
