@@ -46,8 +46,11 @@ def livez_url(argv: Sequence[str], environ: Mapping[str, str]) -> str | None:
         host = "::1"
     if ":" in host:
         host = f"[{host}]"
-    web_config = _flag(argv, "--web.config.file") or environ.get("CELERY_OBS_WEB_CONFIG_FILE")
-    tls = web_config is not None and _serves_tls(web_config)
+    # As the exporter reads it: the flag wins even when empty, and empty means none.
+    web_config = _flag(argv, "--web.config.file")
+    if web_config is None:
+        web_config = environ.get("CELERY_OBS_WEB_CONFIG_FILE")
+    tls = bool(web_config) and _serves_tls(str(web_config))
     return f"{'https' if tls else 'http'}://{host}:{port}/livez"
 
 
@@ -60,6 +63,8 @@ def _serves_tls(web_config: str) -> bool:
             config = yaml.safe_load(f)
     except (OSError, ValueError, yaml.YAMLError):
         return True
+    if config is None:  # empty, or comments only: a valid config without TLS
+        return False
     return not isinstance(config, dict) or bool(config.get("tls_server_config"))
 
 

@@ -37,12 +37,38 @@ from support import ExporterProcess, wait_for
             {},
             "https://127.0.0.1:9808/livez",
         ),
+        (
+            ["celery-obs", "exporter"],
+            {"CELERY_OBS_WEB_CONFIG_FILE": ""},  # empty: unset, as the exporter reads it
+            "http://127.0.0.1:9808/livez",
+        ),
+        (
+            ["celery-obs", "exporter", "--web.config.file="],  # the flag wins, even empty
+            {"CELERY_OBS_WEB_CONFIG_FILE": "/etc/web.yml"},
+            "http://127.0.0.1:9808/livez",
+        ),
         (["celery", "-A", "proj", "worker"], {}, None),
         (["celery-obs", "setup", "kibana"], {}, None),
     ],
 )
 def test_the_check_asks_the_exporter_where_it_listens(argv, environ, expected) -> None:
     assert livez_url(argv, environ) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "scheme"),
+    [
+        ("tls_server_config:\n  cert_file: c\n  key_file: k\n", "https"),
+        ("basic_auth_users:\n  p: x\n", "http"),
+        ("# nothing yet\n", "http"),  # a valid config without TLS, as the exporter reads it
+        ("", "http"),
+    ],
+)
+def test_the_check_speaks_https_only_when_the_web_config_serves_it(tmp_path, text, scheme):
+    config = tmp_path / "web.yml"
+    config.write_text(text)
+    argv = ["celery-obs", "exporter", "--web.config.file", str(config)]
+    assert livez_url(argv, {}) == f"{scheme}://127.0.0.1:9808/livez"
 
 
 def run_check(

@@ -33,8 +33,8 @@ def by_kind(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return kinds
 
 
-def overlay(tmp_path: Path, components: tuple[str, ...]) -> list[dict[str, Any]]:
-    """A user's overlay: the base and `components`, in that order."""
+def overlay(tmp_path: Path, components: tuple[str, ...], **more: Any) -> list[dict[str, Any]]:
+    """A user's overlay: the base and `components`, in that order, and `more` fields."""
     directory = tmp_path / ("overlay-" + "-".join(components or ("none",)))
     directory.mkdir()
     (directory / "kustomization.yaml").write_text(
@@ -44,6 +44,7 @@ def overlay(tmp_path: Path, components: tuple[str, ...]) -> list[dict[str, Any]]
                 "kind": "Kustomization",
                 "resources": [os.path.relpath(BASE, directory)],
                 "components": [os.path.relpath(COMPONENTS / c, directory) for c in components],
+                **more,
             }
         )
     )

@@ -50,6 +50,35 @@ def test_the_exporter_mounts_only_what_it_reads_from_the_one_secret(tmp_path) ->
     assert not {ref["key"] for ref in refs} & {i["key"] for i in volume["secret"]["items"]}
 
 
+def secret_references(objects: dict[str, dict[str, Any]]) -> list[str]:
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    [endpoint] = objects["ServiceMonitor"]["spec"]["endpoints"]
+    return [
+        *(variable["valueFrom"]["secretKeyRef"]["name"] for variable in container["env"]),
+        *(v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v),
+        endpoint["tlsConfig"]["ca"]["secret"]["name"],
+        endpoint["basicAuth"]["username"]["name"],
+        endpoint["basicAuth"]["password"]["name"],
+    ]
+
+
+def test_a_renamed_secret_is_renamed_everywhere_it_is_named(tmp_path) -> None:
+    """A prefix and a generated Secret (its name hashed): the ServiceMonitor's references
+    follow the Deployment's, or Prometheus would look for a Secret that is not there."""
+    built = overlay(
+        tmp_path,
+        ("service-monitor", "web-config"),
+        namePrefix="prod-",
+        secretGenerator=[{"name": "celery-exporter", "literals": ["broker-url=redis://r:6379/0"]}],
+    )
+    [secret] = [obj for obj in built if obj["kind"] == "Secret"]
+    assert secret["metadata"]["name"].startswith("prod-celery-exporter-")
+    objects = by_kind(built)
+    assert set(secret_references(objects)) == {secret["metadata"]["name"]}
+    assert len(secret_references(objects)) == 5
+
+
 def certificate_for(directory: Path, name: str) -> tuple[bytes, bytes]:
     """A self-signed certificate naming `name` (its own CA), and its key."""
     cert, key = directory / f"{name}.crt", directory / f"{name}.key"

@@ -206,13 +206,21 @@ def test_probes_without_credentials_get_up_or_down_but_not_the_reason(
                 reason + "\n",
             )
             assert http_get(server.url + path, basic("prometheus", "wrong"), client)[0] == 401
-        assert http_get(server.url + "/livez", {}, client)[0] == 200
+        assert http_get(server.url + "/livez", {}, client) == (200, "ok\n")
         for path in ("/metrics", "/", "/nowhere"):
             assert http_get(server.url + path, {}, client) == (401, "Unauthorized\n")
         connection = http.client.HTTPSConnection(
             "127.0.0.1", server.server_address[1], context=client, timeout=5
         )
         with contextlib.closing(connection):
+            connection.request("HEAD", "/readyz")
+            response = connection.getresponse()
+            assert (response.status, response.read()) == (status, b"")
+            assert response.headers["Content-Length"] == str(len(terse))
+            for target in ("//readyz", "/readyz/", "/%72eadyz"):  # not the probe paths
+                connection.request("GET", target)
+                response = connection.getresponse()
+                assert (response.status, response.read()) == (401, b"Unauthorized\n"), target
             connection.request("POST", "/livez")  # only reading is anonymous
             assert connection.getresponse().status == 401
     finally:
