@@ -11,7 +11,7 @@ import math
 from bisect import bisect_left
 from collections.abc import Iterable
 
-from .metrics import OVERFLOW_LABEL, UNKNOWN_LABEL
+from .metrics import OVERFLOW_LABEL, UNKNOWN_LABEL, BucketLayout
 from .vocabulary import TASK_EVENTS
 
 LabelKey = tuple[str, ...]
@@ -104,12 +104,12 @@ class TaskMetrics:
 
     def __init__(
         self,
-        buckets: Iterable[float],
+        buckets: BucketLayout,
         max_task_names: int,
         max_queues: int,
         max_exceptions: int,
     ) -> None:
-        self.buckets = tuple(sorted(buckets))
+        self.buckets = buckets
         self.task_names = LabelLimiter(max_task_names)
         self.queues = LabelLimiter(max_queues)
         self.exceptions = LabelLimiter(max_exceptions)
@@ -125,6 +125,11 @@ class TaskMetrics:
         self.runtime: dict[LabelKey, Histogram] = {}
         self.queue_wait: dict[LabelKey, Histogram] = {}
         self.latency: dict[LabelKey, Histogram] = {}
+        #: histogram -> (its table, its bounds)
+        self._histograms = {
+            name: (getattr(self, name), buckets.of(name))
+            for name in ("runtime", "queue_wait", "latency")
+        }
 
     def count(self, kind: str, key: LabelKey) -> None:
         counts = self.counts[kind]
@@ -132,20 +137,22 @@ class TaskMetrics:
 
     def observe(
         self,
-        table: dict[LabelKey, Histogram],
+        histogram: str,
         key: LabelKey,
         value: float,
         task_id: str = "",
         at: float = 0.0,
     ) -> bool:
-        """Add one observation (of task `task_id`, made at Unix time `at`: the bucket's
-        exemplar); False (nothing added) if the value is not a finite number."""
+        """Add one observation to `histogram` (runtime, queue_wait or latency) of task
+        `task_id`, made at Unix time `at` (the bucket's exemplar); False (nothing added) if the
+        value is not a finite number."""
         if not math.isfinite(value):
             return False
+        table, bounds = self._histograms[histogram]
         hist = table.get(key)
         if hist is None:
-            hist = table[key] = Histogram(len(self.buckets))
-        bucket = bisect_left(self.buckets, value)
+            hist = table[key] = Histogram(len(bounds))
+        bucket = bisect_left(bounds, value)
         hist.counts[bucket] += 1
         hist.sum += value
         if task_id and len(task_id) <= MAX_EXEMPLAR_ID:

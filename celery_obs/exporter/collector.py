@@ -102,7 +102,16 @@ class Exposition:
         }
         self._headers = self._text_headers
         self._exemplars = False
-        self._les = [_float(b) for b in tracker.metrics.buckets] + ["+Inf"]
+        layout = tracker.metrics.buckets
+        #: histogram metric -> its buckets' `le` values, +Inf last
+        self._les = {
+            spec.name: [_float(b) for b in layout.of(histogram)] + ["+Inf"]
+            for spec, histogram in (
+                (m.TASK_RUNTIME, "runtime"),
+                (m.TASK_QUEUE_WAIT, "queue_wait"),
+                (m.TASK_LATENCY, "latency"),
+            )
+        }
         # (metric name, label values) -> the series' text up to its value; bounded by the
         # label limits, so it never outgrows the state it mirrors.
         self._prefixes: dict[str, dict[LabelKey, str]] = {}
@@ -164,7 +173,8 @@ class Exposition:
             if buckets is None:
                 labels = _labels(spec.labels, key)
                 sep = "," if labels else ""
-                buckets = [f'{spec.name}_bucket{{{labels}{sep}le="{le}"}} ' for le in self._les]
+                les = self._les[spec.name]
+                buckets = [f'{spec.name}_bucket{{{labels}{sep}le="{le}"}} ' for le in les]
                 self._bucket_prefixes[(spec.name, key)] = buckets
             cumulative = 0
             exemplars = hist.exemplars if self._exemplars else None

@@ -24,7 +24,7 @@ from ..settings import (
     parse_bool,
     positive,
 )
-from .metrics import DEFAULT_BUCKETS
+from .metrics import LATENCY_BUCKETS, QUEUE_WAIT_BUCKETS, RUNTIME_BUCKETS, BucketLayout
 from .secrets import Scrubber, mask_url, option_secrets, url_secrets
 
 ENV_PREFIX = "CELERY_OBS_"
@@ -48,7 +48,7 @@ class Limits:
     skew_tolerance: float = 1.0
     worker_timeout: float = 10.0
     worker_retention: float = 3600.0
-    buckets: tuple[float, ...] = DEFAULT_BUCKETS
+    buckets: BucketLayout = field(default_factory=BucketLayout)
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,20 @@ def parse_buckets(text: str) -> tuple[float, ...]:
             f"buckets must be finite, positive and increasing (+Inf is implied), got {text!r}"
         )
     return buckets
+
+
+def _shown(bounds: tuple[float, ...]) -> str:
+    return ",".join(f"{b:g}" for b in bounds)
+
+
+def bucket_layout(args: argparse.Namespace) -> BucketLayout:
+    """Each histogram's own flag, else --buckets, else its default layout."""
+    default = BucketLayout()
+    return BucketLayout(
+        runtime=args.runtime_buckets or args.buckets or default.runtime,
+        queue_wait=args.queue_wait_buckets or args.buckets or default.queue_wait,
+        latency=args.latency_buckets or args.buckets or default.latency,
+    )
 
 
 def parse_address(text: str) -> str:
@@ -201,13 +215,41 @@ SETTINGS = SettingTable(
             metavar="SECONDS",
         ),
         _flag(
-            "buckets",
-            "--buckets",
-            DEFAULT_BUCKETS,
-            "Comma-separated histogram buckets in seconds (runtime, queue wait, latency).",
+            "runtime_buckets",
+            "--runtime-buckets",
+            None,
+            "Comma-separated upper bounds (seconds) of the runtime histogram's buckets.",
             parse_buckets,
             metavar="S,S,...",
-            shown="10 ms … 4 h (15)",
+            shown=_shown(RUNTIME_BUCKETS),
+        ),
+        _flag(
+            "queue_wait_buckets",
+            "--queue-wait-buckets",
+            None,
+            "Comma-separated upper bounds (seconds) of the queue-wait histogram's buckets.",
+            parse_buckets,
+            metavar="S,S,...",
+            shown=_shown(QUEUE_WAIT_BUCKETS),
+        ),
+        _flag(
+            "latency_buckets",
+            "--latency-buckets",
+            None,
+            "Comma-separated upper bounds (seconds) of the latency histogram's buckets.",
+            parse_buckets,
+            metavar="S,S,...",
+            shown=_shown(LATENCY_BUCKETS),
+        ),
+        _flag(
+            "buckets",
+            "--buckets",
+            None,
+            "One bucket layout for all three histograms (each --*-buckets flag still wins "
+            "for its own).",
+            parse_buckets,
+            metavar="S,S,...",
+            shown="per histogram",
         ),
         _flag(
             "max_task_names",
@@ -346,7 +388,7 @@ def config_from_args(args: argparse.Namespace) -> ExporterConfig:
             max_tracked_tasks=args.max_tracked_tasks,
             worker_timeout=args.worker_timeout,
             worker_retention=args.worker_retention,
-            buckets=args.buckets,
+            buckets=bucket_layout(args),
         ),
         queues=args.queues,
         queue_poll_interval=args.queue_poll_interval,

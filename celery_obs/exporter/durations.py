@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .aggregates import Histogram, LabelKey, TaskMetrics
+from .aggregates import LabelKey, TaskMetrics
 from .metrics import UNKNOWN_LABEL
 from .records import ABANDONED, Delivery, TaskRecord
 from .selfstats import ExporterStats
@@ -39,11 +39,6 @@ class Durations:
         self.on_end = on_end
         #: The exporter's wall time of the event being handled (set by the task table).
         self.wall = 0.0
-        self._tables: dict[str, dict[LabelKey, Histogram]] = {
-            "runtime": metrics.runtime,
-            "queue_wait": metrics.queue_wait,
-            "latency": metrics.latency,
-        }
 
     def observe(
         self, metric: str, key: LabelKey, value: float, record: TaskRecord, at: float | None
@@ -61,7 +56,7 @@ class Durations:
         # one before the epoch).
         wall = self.wall
         at = wall if at is None or not 0 < at <= wall else at
-        if not self.metrics.observe(self._tables[metric], key, value, record.uuid, at):
+        if not self.metrics.observe(metric, key, value, record.uuid, at):
             self.stats.count_unmeasured(metric, "implausible")  # -inf
 
     @staticmethod

@@ -19,6 +19,7 @@ from typing import Any
 
 from .aggregates import Histogram, LabelKey, LabelLimiter, TaskMetrics
 from .config import Limits
+from .metrics import BucketLayout
 from .occupancy import Gauges
 from .selfstats import ExporterStats
 from .tasks import TaskTable
@@ -32,7 +33,7 @@ Event = dict[str, Any]
 class TrackerView:
     """What a scrape reads, as of the last `tick()`. Valid while the tracker's lock is held."""
 
-    buckets: tuple[float, ...]
+    buckets: BucketLayout
     task_counts: Mapping[str, Mapping[LabelKey, int]]
     runtime: Mapping[LabelKey, Histogram]
     queue_wait: Mapping[LabelKey, Histogram]

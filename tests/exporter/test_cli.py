@@ -10,7 +10,7 @@ import pytest
 
 from celery_obs.cli import build_parser, main
 from celery_obs.exporter.config import config_from_args, env_name
-from celery_obs.exporter.metrics import DEFAULT_BUCKETS
+from celery_obs.exporter.metrics import BucketLayout
 
 from support import Process, Scrape, free_port, http_get, run_exporter_cli, wait_for
 
@@ -24,7 +24,7 @@ def test_defaults() -> None:
     assert config.listen_address == ":9808"
     assert config.limits.worker_timeout == 10.0
     assert config.limits.worker_retention == 3600.0
-    assert config.limits.buckets == DEFAULT_BUCKETS
+    assert config.limits.buckets == BucketLayout()
     assert config.enable_events is True
     assert config.queues == ()
     assert config.transport_options == {}
@@ -61,7 +61,7 @@ def test_every_flag_from_the_environment() -> None:
     assert (limits.worker_timeout, limits.worker_retention) == (7.5, 7200.0)
     assert (limits.max_task_names, limits.max_exceptions, limits.max_queues) == (50, 20, 30)
     assert (limits.max_workers, limits.max_tracked_tasks) == (40, 1000)
-    assert limits.buckets == (0.1, 1.0, 60.0)
+    assert limits.buckets == BucketLayout((0.1, 1.0, 60.0), (0.1, 1.0, 60.0), (0.1, 1.0, 60.0))
     assert config.queues == ("a", "b")
     assert (config.queue_poll_interval, config.enable_events_interval) == (5.0, 9.0)
     assert config.enable_events is False

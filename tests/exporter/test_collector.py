@@ -62,7 +62,7 @@ def test_samples_match_the_tracker(parts) -> None:
         == 0
     )
     assert (
-        get("celery_task_runtime_seconds_bucket", {**task, "outcome": "succeeded", "le": "0.5"})
+        get("celery_task_runtime_seconds_bucket", {**task, "outcome": "succeeded", "le": "1.0"})
         == 1
     )
     assert (
@@ -72,6 +72,14 @@ def test_samples_match_the_tracker(parts) -> None:
     assert get("celery_task_runtime_seconds_sum", {**task, "outcome": "failed"}) == 1.0
     assert get("celery_task_queue_wait_seconds_count", task) == 2
     assert get("celery_task_queue_wait_seconds_sum", task) == 1.5
+    # Each histogram has its own layout: waits of 0.5 s and 1 s.
+    queue_wait = {**task, "le": "0.1"}
+    assert get("celery_task_queue_wait_seconds_bucket", queue_wait) == 0
+    assert get("celery_task_queue_wait_seconds_bucket", {**task, "le": "1.0"}) == 2
+    assert get("celery_task_queue_wait_seconds_bucket", {**task, "le": "300.0"}) == 2
+    assert get("celery_task_queue_wait_seconds_bucket", {**task, "le": "0.25"}) is None
+    assert get("celery_task_latency_seconds_bucket", {**task, "le": "0.5"}) == 0
+    assert get("celery_task_latency_seconds_bucket", {**task, "le": "2.5"}) == 2
     assert get("celery_task_latency_seconds_sum", task) == 3.0
     assert get("celery_worker_up", {"hostname": "w@h"}) == 1
     assert get("celery_worker_tasks_active", {"hostname": "w@h"}) == 2
@@ -136,7 +144,10 @@ def test_catalogue_names_follow_prometheus_conventions() -> None:
         if spec.type == "histogram":
             assert spec.name.endswith("_seconds"), spec.name
     assert len(m.BY_NAME) == len(m.CATALOGUE)
-    assert m.DEFAULT_BUCKETS[-1] >= 3600, "buckets must reach hours"
+    assert m.RUNTIME_BUCKETS[-1] >= 3600, "runtimes reach hours"
+    assert m.LATENCY_BUCKETS[-1] >= 3600
+    # The alert thresholds are bucket bounds: histogram_quantile is exact there.
+    assert 300.0 in m.QUEUE_WAIT_BUCKETS  # CeleryQueueWaitHigh
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
@@ -270,7 +281,7 @@ def test_histogram_buckets_carry_their_latest_task_id_as_exemplar(parts, exposit
         if sample.exemplar is not None
     }
     assert exemplars == {
-        ("succeeded", "0.5"): ({"task_id": "faster"}, 0.4, 991.5),
+        ("succeeded", "1.0"): ({"task_id": "faster"}, 0.4, 991.5),
         ("succeeded", "30.0"): ({"task_id": "slow"}, 20.0, 995.0),
     }
     waits = [

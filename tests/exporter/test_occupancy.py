@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 import pytest
 
 from celery_obs.exporter.config import Limits
-from celery_obs.exporter.metrics import DEFAULT_BUCKETS
+from celery_obs.exporter.metrics import RUNTIME_BUCKETS
 from celery_obs.exporter.tracker import Tracker, TrackerView
 
 from test_tracker import KEY, WORKER, Clock, ev, received, sent
@@ -444,11 +444,11 @@ def test_each_bucket_keeps_its_latest_task_id(tracker: Tracker) -> None:
     hist = scrape(tracker).runtime[(*KEY, "succeeded")]
     assert hist.exemplars is not None
     exemplars = {
-        DEFAULT_BUCKETS[i] if i < len(DEFAULT_BUCKETS) else "+Inf": e
+        RUNTIME_BUCKETS[i] if i < len(RUNTIME_BUCKETS) else "+Inf": e
         for i, e in enumerate(hist.exemplars)
         if e is not None
     }
-    assert exemplars == {0.05: ("fast-2", 0.03, 950.0), 60.0: ("slow", 40.0, 950.0)}
+    assert exemplars == {0.05: ("fast-2", 0.03, 950.0), 300.0: ("slow", 40.0, 950.0)}
     latency = scrape(tracker).latency[KEY]
     assert [e for e in latency.exemplars or () if e] == [("slow", 50.0, 950.0)]
 

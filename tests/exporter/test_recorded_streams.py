@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from celery_obs.exporter.config import Limits
 from celery_obs.exporter.events import EventDecoder
-from celery_obs.exporter.metrics import DEFAULT_BUCKETS
+from celery_obs.exporter.metrics import BucketLayout
 from celery_obs.exporter.tracker import Tracker, TrackerView
 
 from support import TESTS
@@ -29,7 +30,7 @@ PATHS = sorted(STREAMS.glob("*.jsonl"))
 
 
 def replay(path: Path) -> tuple[TrackerView, list[dict]]:
-    tracker = Tracker()
+    tracker = Tracker(Limits(buckets=LAYOUT))
     decoder = EventDecoder(on_malformed=tracker.count_malformed)
     events: list[dict] = []
     for line in path.read_text().splitlines():
@@ -67,9 +68,14 @@ def by_name(table, name: str) -> tuple[list[int], float]:
     return counts, total
 
 
+#: One layout for all three histograms, with the bounds these checks ask about.
+BOUNDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
+LAYOUT = BucketLayout(runtime=BOUNDS, queue_wait=BOUNDS, latency=BOUNDS)
+
+
 def at_most(counts: list[int], bound: float) -> int:
-    """How many observations fell at or below `bound` (one of the default buckets)."""
-    return sum(counts[: DEFAULT_BUCKETS.index(bound) + 1])
+    """How many observations fell at or below `bound` (one of BOUNDS)."""
+    return sum(counts[: BOUNDS.index(bound) + 1])
 
 
 def test_the_recordings_are_there() -> None:

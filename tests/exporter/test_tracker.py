@@ -8,7 +8,7 @@ import pytest
 
 from celery_obs.exporter.config import Limits
 from celery_obs.exporter.fields import exception_class, parse_eta
-from celery_obs.exporter.metrics import DEFAULT_BUCKETS
+from celery_obs.exporter.metrics import RUNTIME_BUCKETS
 from celery_obs.exporter.tracker import Tracker, TrackerView
 
 WORKER = "w@h"
@@ -112,7 +112,7 @@ def test_full_lifecycle_counts_and_durations(tracker: Tracker) -> None:
 def test_histogram_buckets_are_le_inclusive(tracker: Tracker) -> None:
     tracker.handle_all([sent(), received(), ev("task-started"), ev("task-succeeded", runtime=1.0)])
     hist = state(tracker).runtime[(*KEY, "succeeded")]
-    assert hist.counts[DEFAULT_BUCKETS.index(1.0)] == 1
+    assert hist.counts[RUNTIME_BUCKETS.index(1.0)] == 1
     assert sum(hist.counts) == 1
 
 
