@@ -1,11 +1,12 @@
-"""Cost of one /metrics rendering, in both formats, after a generated workload.
+"""Cost of one /metrics rendering, in each format, after a generated workload.
 
     python bench/scrape.py --names 50 --tasks 20000 [--running 500]
 
 Feeds the workload straight into a tracker (no broker), optionally leaves `--running` tasks
 started and `--running` more prefetched on the workers (the stuck-and-waiting gauges), then
-renders the exposition 20 times per format and prints the median time and the size, plain and
-gzipped (what Prometheus fetches).
+renders the exposition 20 times per format (text, OpenMetrics, protobuf with native histograms)
+and prints the median time and the size in kB (1000 bytes), plain and gzipped (what Prometheus
+fetches).
 """
 
 from __future__ import annotations
@@ -57,17 +58,22 @@ def main() -> None:
         tracker.handle(dict(event))
     stuck(tracker, args.running, workload.names)
     exposition = Exposition(tracker, threading.Lock(), BrokerStatus(), QueueLengths(), "bench")
-    for openmetrics in (False, True):
+    renders = {
+        "text 0.0.4": lambda: exposition.render(False),
+        "openmetrics": lambda: exposition.render(True),
+        "protobuf": exposition.render_protobuf,
+    }
+    for kind, render in renders.items():
         took, body = [], b""
         for _ in range(args.times):
             started = time.perf_counter()
-            body = exposition.render(openmetrics)
+            body = render()
             took.append((time.perf_counter() - started) * 1000)
-        kind = "openmetrics" if openmetrics else "text 0.0.4"
-        lines = body.count(b"\n")
+        newlines = body.count(b"\n")
+        lines = f"{newlines:,} lines" if kind != "protobuf" else "native histograms"
         print(
-            f"{kind:12} {statistics.median(took):6.1f} ms  {len(body) / 1024:7.0f} kB  "
-            f"gzip {len(gzip.compress(body, 1)) / 1024:5.0f} kB  {lines:,} lines"
+            f"{kind:12} {statistics.median(took):6.1f} ms  {len(body) / 1000:7.0f} kB  "
+            f"gzip {len(gzip.compress(body, 1)) / 1000:5.0f} kB  {lines}"
         )
 
 

@@ -90,9 +90,9 @@ def test_the_readme_is_a_few_screens_and_links_every_reference() -> None:
 
 
 def promql_examples() -> list[str]:
-    """The expressions of docs/metrics.md's PromQL block: lines up to a comment or blank."""
+    """The expressions of docs/metrics.md's PromQL blocks: lines up to a comment or blank."""
     text = (DOCS / "metrics.md").read_text()
-    [code] = re.findall(r"```promql\n(.*?)```", text, flags=re.S)
+    code = "\n\n".join(re.findall(r"```promql\n(.*?)```", text, flags=re.S))
     expressions: list[str] = []
     current: list[str] = []
 

@@ -12,6 +12,7 @@ from bisect import bisect_left
 from collections.abc import Iterable
 
 from .metrics import OVERFLOW_LABEL, UNKNOWN_LABEL, BucketLayout
+from .native import NativeBuckets
 from .vocabulary import TASK_EVENTS
 
 LabelKey = tuple[str, ...]
@@ -86,17 +87,20 @@ MAX_EXEMPLAR_ID = 100
 
 class Histogram:
     """Per-bucket (not cumulative) counts plus sum; the collector accumulates at scrape time.
+    Native (exponential) buckets of the same observations are kept beside them.
 
     Each bucket also keeps its latest observation's task id (its exemplar): the way from a slow
     bucket on a dashboard to that one task's logs.
     """
 
-    __slots__ = ("counts", "exemplars", "sum")
+    __slots__ = ("counts", "exemplars", "native", "sum")
 
     def __init__(self, nbuckets: int) -> None:
         self.counts = [0] * (nbuckets + 1)  # the last slot is +Inf
         self.sum = 0.0
         self.exemplars: list[Exemplar | None] | None = None  # made with the first exemplar
+        #: The same observations at exponential resolution, for the protobuf exposition.
+        self.native = NativeBuckets()
 
 
 class TaskMetrics:
@@ -155,6 +159,7 @@ class TaskMetrics:
         bucket = bisect_left(bounds, value)
         hist.counts[bucket] += 1
         hist.sum += value
+        hist.native.observe(value)
         if task_id and len(task_id) <= MAX_EXEMPLAR_ID:
             exemplars = hist.exemplars
             if exemplars is None:

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import metrics as m
+from . import protobuf as pb
 from .aggregates import Histogram, LabelKey
 from .occupancy import Gauges
 from .tracker import Tracker, TrackerView
@@ -116,24 +117,49 @@ class Exposition:
         # label limits, so it never outgrows the state it mirrors.
         self._prefixes: dict[str, dict[LabelKey, str]] = {}
         self._bucket_prefixes: dict[tuple[str, LabelKey], list[str]] = {}
+        #: The protobuf exposition's counterparts: (metric name) -> label values -> encoded
+        #: label pairs, and each histogram's bucket bounds as numbers.
+        self._proto = False
+        self._proto_labels: dict[str, dict[LabelKey, bytes]] = {}
+        self._bounds = {
+            name: [pb.bucket_bound(b) for b in (*(float(le) for le in les[:-1]), math.inf)]
+            for name, les in self._les.items()
+        }
 
     def render(self, openmetrics: bool = False) -> bytes:
         """The whole exposition: Prometheus text 0.0.4, or OpenMetrics 1.0 with exemplars."""
-        out: list[str] = []
+        out: list[Any] = []
         with self.lock:  # the tracker's lock: also makes the format switch below private
             self._headers = self._om_headers if openmetrics else self._text_headers
             self._exemplars = openmetrics
-            self.tracker.tick()
-            view = self.tracker.view()
-            self._tasks(out, view)
-            self._workers(out, view)
-            self._exporter(out, view)
-            self._queues(out)
+            self._proto = False
+            self._walk(out)
         if openmetrics:
             out.append("# EOF\n")
         # Labels are cleaned where they enter (aggregates.clean_label); "replace" is the last
         # line of defence: one odd string must never cost every later scrape.
         return "".join(out).encode("utf-8", "replace")
+
+    def render_protobuf(self) -> bytes:
+        """The whole exposition as length-delimited protobuf MetricFamily messages: the same
+        series, with the duration histograms native (exponential) as well as classic."""
+        out: list[Any] = []
+        with self.lock:
+            self._exemplars = True
+            self._proto = True
+            try:
+                self._walk(out)
+            finally:
+                self._proto = False
+        return b"".join(out)
+
+    def _walk(self, out: list[Any]) -> None:
+        self.tracker.tick()
+        view = self.tracker.view()
+        self._tasks(out, view)
+        self._workers(out, view)
+        self._exporter(out, view)
+        self._queues(out)
 
     # -- series writers ---------------------------------------------------------------------
 
@@ -147,8 +173,11 @@ class Exposition:
         return prefix
 
     def _series(
-        self, out: list[str], spec: m.MetricSpec, values: Mapping, prune: bool = False
+        self, out: list[Any], spec: m.MetricSpec, values: Mapping, prune: bool = False
     ) -> None:
+        if self._proto:
+            self._proto_series(out, spec, values, prune)
+            return
         out.append(self._headers[spec.name])
         prefix = self._prefix
         for key, value in values.items():
@@ -158,15 +187,42 @@ class Exposition:
             for gone in cache.keys() - values.keys():
                 del cache[gone]
 
-    def _single(self, out: list[str], spec: m.MetricSpec, value: float) -> None:
+    def _proto_labels_of(self, spec: m.MetricSpec, key: LabelKey) -> bytes:
+        cache = self._proto_labels.setdefault(spec.name, {})
+        labels = cache.get(key)
+        if labels is None:
+            labels = cache[key] = pb.label_pairs(spec.labels, key)
+        return labels
+
+    def _proto_series(
+        self, out: list[Any], spec: m.MetricSpec, values: Mapping, prune: bool
+    ) -> None:
+        if values:  # client libraries send no empty family, and parsers need not expect one
+            encode = pb.counter if spec.type == "counter" else pb.gauge
+            labels = self._proto_labels_of
+            metrics = [encode(labels(spec, key), value) for key, value in values.items()]
+            kind = pb.COUNTER if spec.type == "counter" else pb.GAUGE
+            out.append(pb.family(spec.name, spec.help, kind, metrics))
+        if prune:
+            cache = self._proto_labels.get(spec.name, {})
+            for gone in cache.keys() - values.keys():
+                del cache[gone]
+
+    def _single(self, out: list[Any], spec: m.MetricSpec, value: float) -> None:
+        if self._proto:
+            self._proto_series(out, spec, {(): value}, prune=False)
+            return
         out.append(f"{self._headers[spec.name]}{spec.name} {_number(value)}\n")
 
-    def _labelled(self, out: list[str], spec: m.MetricSpec, values: Mapping[str, int]) -> None:
+    def _labelled(self, out: list[Any], spec: m.MetricSpec, values: Mapping[str, int]) -> None:
         self._series(out, spec, {(label,): value for label, value in sorted(values.items())})
 
     def _histogram(
-        self, out: list[str], spec: m.MetricSpec, table: Mapping[LabelKey, Histogram]
+        self, out: list[Any], spec: m.MetricSpec, table: Mapping[LabelKey, Histogram]
     ) -> None:
+        if self._proto:
+            self._proto_histogram(out, spec, table)
+            return
         out.append(self._headers[spec.name])
         for key, hist in table.items():
             buckets = self._bucket_prefixes.get((spec.name, key))
@@ -196,9 +252,28 @@ class Exposition:
             out.append(f"{self._prefix(spec, key, '_sum')}{_float(hist.sum)}\n")
             out.append(f"{self._prefix(spec, key, '_count')}{cumulative}\n")
 
+    def _proto_histogram(
+        self, out: list[Any], spec: m.MetricSpec, table: Mapping[LabelKey, Histogram]
+    ) -> None:
+        if not table:
+            return
+        bounds = self._bounds[spec.name]
+        metrics = []
+        for key, hist in table.items():
+            classic = []
+            cumulative = 0
+            exemplars = hist.exemplars or [None] * len(hist.counts)
+            for bound, count, sample in zip(bounds, hist.counts, exemplars, strict=True):
+                cumulative += count
+                encoded = pb.exemplar(*sample) if sample is not None else None
+                classic.append((bound, cumulative, encoded))
+            labels = self._proto_labels_of(spec, key)
+            metrics.append(pb.histogram(labels, cumulative, hist.sum, classic, hist.native))
+        out.append(pb.family(spec.name, spec.help, pb.HISTOGRAM, metrics))
+
     # -- families -----------------------------------------------------------------------------
 
-    def _tasks(self, out: list[str], view: TrackerView) -> None:
+    def _tasks(self, out: list[Any], view: TrackerView) -> None:
         for kind, spec in m.TASK_COUNTERS.items():
             self._series(out, spec, view.task_counts[kind])
         self._histogram(out, m.TASK_RUNTIME, view.runtime)
@@ -222,7 +297,7 @@ class Exposition:
 
     def _occupancy(
         self,
-        out: list[str],
+        out: list[Any],
         count_spec: m.MetricSpec,
         age_spec: m.MetricSpec,
         gauges: Gauges,
@@ -234,7 +309,7 @@ class Exposition:
         ages = {key: max(0.0, now - since) for key, since in gauges.oldest.items()}
         self._series(out, age_spec, ages, prune=True)
 
-    def _workers(self, out: list[str], view: TrackerView) -> None:
+    def _workers(self, out: list[Any], view: TrackerView) -> None:
         views = view.workers
         series = self._series
         series(out, m.WORKER_UP, {(v.hostname,): int(v.up) for v in views}, prune=True)
@@ -258,7 +333,7 @@ class Exposition:
         series(out, m.WORKER_LOAD_AVERAGE, loads, prune=True)
         series(out, m.WORKER_INFO, {(v.hostname, *v.software): 1 for v in views}, prune=True)
 
-    def _exporter(self, out: list[str], view: TrackerView) -> None:
+    def _exporter(self, out: list[Any], view: TrackerView) -> None:
         status = self.status
         self._labelled(out, m.EXPORTER_EVENTS, view.events_by_type)
         self._labelled(out, m.EXPORTER_MALFORMED, view.malformed)
@@ -279,7 +354,7 @@ class Exposition:
         self._series(out, m.EXPORTER_EVENT_READER, reader, prune=True)
         self._series(out, m.EXPORTER_BUILD_INFO, {(self.version,): 1})
 
-    def _queues(self, out: list[str]) -> None:
+    def _queues(self, out: list[Any]) -> None:
         lengths, errors = self.queue_lengths.snapshot()
         self._series(out, m.QUEUE_LENGTH, {(q,): n for q, n in sorted(lengths.items())})
         self._single(out, m.EXPORTER_QUEUE_PROBE_ERRORS, errors)

@@ -30,14 +30,17 @@ from urllib.parse import urlsplit
 from .httpauth import BasicAuth
 from .httpwire import (
     HEAD_END,
+    OPENMETRICS,
+    PROTOBUF,
+    TEXT,
     HttpError,
     Request,
     linger,
+    negotiate,
     parse_head,
     remaining,
     send_all,
     wants_gzip,
-    wants_openmetrics,
 )
 from .singleflight import Rendered, SingleFlight
 from .webconfig import WebConfig, WebConfigWatcher
@@ -45,8 +48,9 @@ from .webconfig import WebConfig, WebConfigWatcher
 log = logging.getLogger(__name__)
 
 HealthCheck = Callable[[], tuple[bool, str]]
-#: Produces the /metrics body and its content type: OpenMetrics if asked (True), else text 0.0.4.
-Render = Callable[[bool], tuple[bytes, str]]
+#: Produces the /metrics body and its content type in a format `negotiate` names (text,
+#: openmetrics or protobuf).
+Render = Callable[[str], tuple[bytes, str]]
 
 _TEXT = "text/plain; charset=utf-8"
 _PLAIN_HTTP_TO_HTTPS = (
@@ -206,7 +210,7 @@ class _Connection:
         server = self.server
         if path == "/metrics":
             try:
-                rendered = server.renderings[wants_openmetrics(request.headers.get("accept"))]()
+                rendered = server.renderings[negotiate(request.headers.get("accept"))]()
             except Exception:
                 log.exception("rendering /metrics failed")
                 return 500, b"Rendering the metrics failed; see the exporter's log\n", _TEXT, {}
@@ -276,8 +280,8 @@ class _Connection:
         linger(self.sock, self.clock)
 
 
-def _rendered(render: Render, openmetrics: bool) -> Rendered:
-    return Rendered(*render(openmetrics))
+def _rendered(render: Render, kind: str) -> Rendered:
+    return Rendered(*render(kind))
 
 
 class MetricsServer:
@@ -318,10 +322,10 @@ class MetricsServer:
         self.health = health
         self.liveness = liveness
         self.clock = clock
-        #: One shared rendering per format in flight: OpenMetrics (True) and text (False).
-        self.renderings: dict[bool, SingleFlight[Rendered]] = {
-            openmetrics: SingleFlight(functools.partial(_rendered, render, openmetrics))
-            for openmetrics in (False, True)
+        #: One shared rendering per format in flight.
+        self.renderings: dict[str, SingleFlight[Rendered]] = {
+            kind: SingleFlight(functools.partial(_rendered, render, kind))
+            for kind in (TEXT, OPENMETRICS, PROTOBUF)
         }
         self.watcher = WebConfigWatcher(
             web_config or WebConfig(), interval=reload_interval, clock=clock

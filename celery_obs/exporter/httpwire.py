@@ -144,17 +144,41 @@ _OPENMETRICS_VERSIONS = frozenset({"", "1.0.0", "0.0.1"})
 _TEXT_VERSIONS = frozenset({"", "0.0.4"})
 
 
-def wants_openmetrics(accept: str | None) -> bool:
-    """Whether this Accept prefers OpenMetrics text (a version we write) to the Prometheus text
-    format 0.0.4, the default: no Accept, `*/*`, ties, or nothing we write asked for."""
-    openmetrics_q, text_q, fallback_q = 0.0, 0.0, 0.0
+#: The formats /metrics is written in, as `negotiate` names them.
+TEXT, OPENMETRICS, PROTOBUF = "text", "openmetrics", "protobuf"
+_PROTOBUF_TYPE = "application/vnd.google.protobuf"
+_PROTOBUF_PROTO = "io.prometheus.client.metricfamily"
+
+
+def negotiate(accept: str | None) -> str:
+    """The format this Accept prefers among those we write: the Prometheus protobuf exposition
+    (what Prometheus asks for first with native histograms enabled), OpenMetrics text, or the
+    Prometheus text format 0.0.4, the default: no Accept, `*/*`, ties, or nothing we write asked
+    for. Ties go to text, then OpenMetrics."""
+    weights = {TEXT: 0.0, OPENMETRICS: 0.0, PROTOBUF: 0.0}
+    fallback = 0.0
     for item, q, params in _entries(accept):
         version = params.get("version", "")
         if item == "application/openmetrics-text" and version in _OPENMETRICS_VERSIONS:
-            openmetrics_q = max(openmetrics_q, q)
+            weights[OPENMETRICS] = max(weights[OPENMETRICS], q)
         elif item == "text/plain" and version in _TEXT_VERSIONS:
-            text_q = max(text_q, q)
+            weights[TEXT] = max(weights[TEXT], q)
+        elif (
+            item == _PROTOBUF_TYPE
+            and params.get("proto", "").lower() == _PROTOBUF_PROTO
+            and params.get("encoding", "").lower() == "delimited"
+        ):
+            weights[PROTOBUF] = max(weights[PROTOBUF], q)
         elif item in ("text/*", "*/*"):
-            fallback_q = max(fallback_q, q)
+            fallback = max(fallback, q)
     # `*/*` or `text/*` accepts the text format at that weight too.
-    return openmetrics_q > 0 and openmetrics_q > max(text_q, fallback_q)
+    weights[TEXT] = max(weights[TEXT], fallback)
+    best = max(weights.values())
+    if best <= 0:
+        return TEXT
+    return next(kind for kind in (TEXT, OPENMETRICS, PROTOBUF) if weights[kind] == best)
+
+
+def wants_openmetrics(accept: str | None) -> bool:
+    """Whether this Accept prefers OpenMetrics text (a version we write) to the other formats."""
+    return negotiate(accept) == OPENMETRICS

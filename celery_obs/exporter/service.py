@@ -20,6 +20,8 @@ from .config import ExporterConfig, parse_listen_address
 from .consumer import BrokerStatus, EventConsumer, default_queue_name
 from .control import WorkerControl
 from .http import MetricsServer
+from .httpwire import OPENMETRICS, PROTOBUF
+from .protobuf import CONTENT_TYPE as PROTOBUF_CONTENT_TYPE
 from .queues import QueueLengths, QueueProbe
 from .tracker import Tracker
 from .webconfig import load_web_config
@@ -87,7 +89,10 @@ class Exporter:
             address, self._render, self.status.health, web_config, liveness=self.status.liveness
         )
 
-    def _render(self, openmetrics: bool) -> tuple[bytes, str]:
+    def _render(self, kind: str) -> tuple[bytes, str]:
+        if kind == PROTOBUF:
+            return self.exposition.render_protobuf(), PROTOBUF_CONTENT_TYPE
+        openmetrics = kind == OPENMETRICS
         body = self.exposition.render(openmetrics)
         return body, OPENMETRICS_CONTENT_TYPE if openmetrics else CONTENT_TYPE
 

@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 
 from celery_obs.exporter.config import parse_listen_address
 from celery_obs.exporter.http import Limits, MetricsServer
-from celery_obs.exporter.httpwire import wants_gzip, wants_openmetrics
+from celery_obs.exporter.httpwire import negotiate, wants_gzip, wants_openmetrics
 from celery_obs.exporter.webconfig import WebConfigError, load_web_config
 
 from support import ExporterProcess, free_port, http_get, run_exporter_cli, wait_for
@@ -81,7 +81,7 @@ def registry() -> CollectorRegistry:
 def serve(registry: CollectorRegistry, web_config=None, health=lambda: (True, "ok: fine")):
     server = MetricsServer(
         ("127.0.0.1", 0),
-        lambda openmetrics: (generate_latest(registry), CONTENT_TYPE_LATEST),
+        lambda kind: (generate_latest(registry), CONTENT_TYPE_LATEST),
         health,
         web_config,
     )
@@ -113,7 +113,7 @@ BODY = b"# TYPE celery_test_events_total counter\ncelery_test_events_total 3.0\n
 
 @contextmanager
 def running(
-    render: Callable[[bool], tuple[bytes, str]] = lambda openmetrics: (BODY, CONTENT_TYPE_LATEST),
+    render: Callable[[str], tuple[bytes, str]] = lambda kind: (BODY, CONTENT_TYPE_LATEST),
     web_config=None,
     limits: Limits | None = None,
     health=lambda: (True, "ok: fine"),
@@ -254,7 +254,7 @@ def test_configured_headers_are_sent(tls_server) -> None:
 def test_readyz_and_livez_answer_from_their_own_checks(registry) -> None:
     server = MetricsServer(
         ("127.0.0.1", 0),
-        lambda openmetrics: (generate_latest(registry), CONTENT_TYPE_LATEST),
+        lambda kind: (generate_latest(registry), CONTENT_TYPE_LATEST),
         lambda: (False, "not connected to redis://h:6379// for 3s"),
         liveness=lambda: (True, "ok: alive, reconnecting to the broker"),
     )
@@ -507,14 +507,59 @@ def test_accept_chooses_openmetrics_only_when_preferred(accept, openmetrics: boo
     assert wants_openmetrics(accept) is openmetrics
 
 
-def test_each_format_is_rendered_and_labelled_as_asked() -> None:
-    def render(openmetrics: bool) -> tuple[bytes, str]:
-        return (b"om\n", "application/openmetrics-text") if openmetrics else (BODY, "text/plain")
+#: What Prometheus 2.42 sends with --enable-feature=native-histograms (protobuf first).
+PROMETHEUS_NATIVE_ACCEPT = (
+    "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited,"
+    "application/openmetrics-text;version=1.0.0;q=0.8,application/openmetrics-text;"
+    "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
 
-    with running(render) as server:
-        for accept, body, kind in (
-            (PROMETHEUS_ACCEPT, b"om\n", "application/openmetrics-text"),
-            ("text/plain", BODY, "text/plain"),
+
+@pytest.mark.parametrize(
+    ("accept", "kind"),
+    [
+        (PROMETHEUS_NATIVE_ACCEPT, "protobuf"),
+        (PROMETHEUS_ACCEPT, "openmetrics"),
+        (None, "text"),
+        ("application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily", "text"),
+        ("application/vnd.google.protobuf;proto=other.Message;encoding=delimited", "text"),
+        (
+            "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=text",
+            "text",
+        ),  # the text protobuf encoding: not one we write
+        (
+            "Application/Vnd.Google.Protobuf; Proto=io.prometheus.client.MetricFamily; "
+            "Encoding=delimited; q=0.9, text/plain;q=0.5",
+            "protobuf",
+        ),
+        (
+            "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;"
+            "encoding=delimited;q=0.5,application/openmetrics-text;q=0.5",
+            "openmetrics",
+        ),  # tie
+        (
+            "application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;"
+            "encoding=delimited;q=0.5,*/*;q=0.5",
+            "text",
+        ),  # tie
+    ],
+)
+def test_accept_chooses_protobuf_when_it_is_preferred(accept, kind) -> None:
+    assert negotiate(accept) == kind
+
+
+def test_each_format_is_rendered_and_labelled_as_asked() -> None:
+    bodies = {
+        "openmetrics": (b"om\n", "application/openmetrics-text"),
+        "protobuf": (b"\x00", "application/vnd.google.protobuf"),
+        "text": (BODY, "text/plain"),
+    }
+
+    with running(bodies.__getitem__) as server:
+        for accept, (body, kind) in (
+            (PROMETHEUS_ACCEPT, bodies["openmetrics"]),
+            (PROMETHEUS_NATIVE_ACCEPT, bodies["protobuf"]),
+            ("text/plain", bodies["text"]),
         ):
             connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1])
             with contextlib.closing(connection):
@@ -574,7 +619,7 @@ def test_an_absolute_form_target_is_served_by_its_path() -> None:
 def test_render_failure_is_a_500_and_the_next_scrape_renders_again() -> None:
     calls = []
 
-    def render(openmetrics: bool) -> tuple[bytes, str]:
+    def render(kind: str) -> tuple[bytes, str]:
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("tracker broke")

@@ -81,7 +81,7 @@ def test_scrapes_arriving_during_a_render_share_it() -> None:
     renders = []
     release = threading.Event()
 
-    def render(openmetrics: bool) -> tuple[bytes, str]:
+    def render(kind: str) -> tuple[bytes, str]:
         renders.append(1)
         release.wait(30)
         return BODY + f"# render {len(renders)}\n".encode(), CONTENT_TYPE_LATEST
@@ -96,7 +96,7 @@ def test_scrapes_arriving_during_a_render_share_it() -> None:
         ]
         for thread in threads:
             thread.start()
-        rendering = server.renderings[False]
+        rendering = server.renderings["text"]
         wait_for(lambda: rendering.waiting == 19, 20, "19 scrapes waiting on one render")
         release.set()
         for thread in threads:

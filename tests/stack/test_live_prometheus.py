@@ -43,7 +43,9 @@ VARIABLES = {
 
 
 class Prometheus:
-    def __init__(self, targets: list[str], workdir: Path) -> None:
+    def __init__(
+        self, targets: list[str], workdir: Path, features: str = "exemplar-storage"
+    ) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         rule_files = []
@@ -66,7 +68,7 @@ class Prometheus:
                 f"--config.file={workdir / 'prometheus.yml'}",
                 f"--storage.tsdb.path={workdir / 'data'}",
                 f"--web.listen-address=127.0.0.1:{self.port}",
-                "--enable-feature=exemplar-storage",
+                f"--enable-feature={features}",
             ],
         )
         wait_for(lambda: self._ready(), 30, "Prometheus ready")
@@ -109,8 +111,8 @@ def prometheus_for() -> Iterator:
     started: list[Prometheus] = []
     workdir = Path(tempfile.mkdtemp(prefix="celery-obs-prometheus-"))
 
-    def start(targets: list[str]) -> Prometheus:
-        prometheus = Prometheus(targets, workdir)
+    def start(targets: list[str], **options: str) -> Prometheus:
+        prometheus = Prometheus(targets, workdir, **options)
         started.append(prometheus)
         return prometheus
 
@@ -341,3 +343,88 @@ def test_rules_and_dashboards_return_data_and_a_killed_worker_fires(
         ids = {exemplar["labels"]["task_id"] for exemplar in exemplars}
         assert ids <= sent_ids, ids - sent_ids
         assert all(set(exemplar["labels"]) == {"task_id"} for exemplar in exemplars)
+
+
+def send_lifecycles(broker_url: str, queue: str, runtimes: list[float]) -> None:
+    """Each runtime as one task's lifecycle, sent by Celery's own event dispatcher."""
+    from celery import Celery
+
+    app = Celery("obs_native", broker=broker_url, set_as_current=False)
+    try:
+        with app.connection_for_write() as connection:
+            dispatcher = app.events.Dispatcher(connection, hostname="native@host")
+            start = time.time() - 600
+            for number, runtime in enumerate(runtimes):
+                task = {"uuid": f"native-{number}", "name": "obs.native", "retries": 0}
+                at = start + number
+                dispatcher.send("task-sent", **task, queue=queue, timestamp=at)
+                dispatcher.send("task-received", **task, timestamp=at)
+                dispatcher.send("task-started", **task, timestamp=at + 0.5)
+                dispatcher.send(
+                    "task-succeeded", **task, runtime=runtime, timestamp=at + 0.5 + runtime
+                )
+            dispatcher.close()
+    finally:
+        app.close()
+
+
+def classic_bucket_of(text: str, series: str, rank: float) -> tuple[float, float]:
+    """The classic bucket (lower, upper bound) in which the observation of `rank` lies."""
+    buckets = sorted(
+        (float(le), float(count))
+        for le, count in re.findall(series + r',le="([^"]+)"} (\S+)', text)
+    )
+    lower = 0.0
+    for upper, cumulative in buckets:
+        if cumulative >= rank:
+            return lower, upper
+        lower = upper
+    raise AssertionError("rank past the +Inf bucket")
+
+
+def test_native_histograms_agree_with_the_classic_buckets_within_their_resolution(
+    redis_url, queue, start_exporter, prometheus_for
+):
+    """Prometheus with native histograms asks for the protobuf exposition and stores the three
+    duration histograms as native ones: their quantiles agree with the classic buckets (each
+    lies in the classic bucket that holds it) and with the true values within one native
+    bucket (9 %), and their count and sum are exact."""
+    import random
+
+    exporter = start_exporter(redis_url)
+    # Runtimes log-uniform over 1 ms .. 100 s, as a mixed cluster's tasks are.
+    generator = random.Random(17)
+    runtimes = [round(10 ** generator.uniform(-3, 2), 6) for _ in range(400)]
+    send_lifecycles(redis_url, queue, runtimes)
+    labels = {"name": "obs.native", "queue_name": queue, "outcome": "succeeded"}
+    exporter.wait_value("celery_task_runtime_seconds_count", len(runtimes), **labels)
+    prometheus = prometheus_for([f"127.0.0.1:{exporter.port}"], features="native-histograms")
+    selector = 'celery_task_runtime_seconds{name="obs.native",outcome="succeeded"}'
+    wait_for(
+        lambda: prometheus.query(f"histogram_count({selector}) == {len(runtimes)}"),
+        30,
+        "the native runtime histogram scraped",
+    )
+    [sample] = prometheus.query(selector)
+    assert "histogram" in sample, "stored as a native histogram"
+    assert prometheus.query(f"{selector.replace('seconds', 'seconds_bucket')}") == []
+    [total] = values(prometheus.query(f"histogram_sum({selector})")).values()
+    assert total == pytest.approx(sum(runtimes), rel=1e-9)
+    for histogram in ("queue_wait", "latency"):
+        native = f'celery_task_{histogram}_seconds{{name="obs.native"}}'
+        counts = values(prometheus.query(f"histogram_count({native})"))
+        assert list(counts.values()) == [len(runtimes)], histogram
+
+    text = exporter.scrape().text
+    series = (
+        'celery_task_runtime_seconds_bucket{name="obs.native",'
+        f'queue_name="{queue}",outcome="succeeded"'
+    )
+    ordered = sorted(runtimes)
+    growth = 2 ** (2**-3)  # one native bucket at schema 3
+    for q in (0.1, 0.5, 0.9, 0.99):
+        [estimate] = values(prometheus.query(f"histogram_quantile({q}, {selector})")).values()
+        lower, upper = classic_bucket_of(text, series, q * len(runtimes))
+        assert lower <= estimate <= upper, (q, estimate, lower, upper)
+        true = ordered[math.ceil(q * len(runtimes)) - 1]
+        assert true / growth <= estimate <= true * growth, (q, estimate, true)
