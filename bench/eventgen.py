@@ -273,7 +273,13 @@ class AmqpPublisher(_Closing):
 
 
 def _paced(wire: Sequence, rate: float, chunk: int, send) -> None:
-    """Send in chunks; with `rate` (messages/s) sleep to hold that pace, else full speed."""
+    """Send in chunks; with `rate` (messages/s) sleep to hold that pace, else full speed.
+
+    Paced, a chunk is what arrives in about a millisecond: workers send events as tasks run,
+    one message at a time, so a live stream reaches the exporter in small pieces, not in the
+    bursts a pipeline of hundreds would make."""
+    if rate:
+        chunk = max(1, min(chunk, round(rate / 1000)))
     start = time.perf_counter()
     for offset in range(0, len(wire), chunk):
         send(wire[offset : offset + chunk])

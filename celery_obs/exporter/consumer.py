@@ -138,6 +138,23 @@ class EventConsumer:
         """A Redis pub/sub payload: kombu's envelope around the event body."""
         self._process(self._decoder.decode_envelope, payload)
 
+    def on_payloads(self, payloads: list[bytes]) -> None:
+        """Redis pub/sub payloads read together: decoded one by one outside the lock (a bad
+        one costs only itself), then handed to the tracker under one acquisition."""
+        decode = self._decoder.decode_envelope
+        events: list[Event] = []
+        reasons: list[str] = []
+        for payload in payloads:
+            try:
+                events += decode(payload)
+            except MalformedMessage as exc:
+                reasons.append(exc.reason)
+                log.debug("skipped malformed event message: %s", exc)
+            except Exception as exc:  # a message must never look like a broker failure
+                reasons.append("decode")
+                log.debug("skipped undecodable event message: %r", exc)
+        self._hand_over(events, reasons)
+
     def on_message(self, message: Message) -> None:
         """A message delivered by kombu (transports without a fast path of their own)."""
         self._process(self._decoder.decode, message.body, message.content_type)
@@ -162,14 +179,15 @@ class EventConsumer:
         except Exception as exc:  # a message must never look like a broker failure
             reason = "decode"
             log.debug("skipped undecodable event message: %r", exc)
+        self._hand_over(events, [reason] if reason else [])
+
+    def _hand_over(self, events: list[Event], reasons: list[str]) -> None:
         with self._lock:
-            if self._malformed:  # events the decoder skipped inside this message
-                for skipped in self._malformed:
-                    self._tracker.count_malformed(skipped)
-                self._malformed.clear()
-            if reason:
-                self._tracker.count_malformed(reason)
-            else:
+            # Events the decoder skipped inside messages, then messages it could not use.
+            for skipped in (*self._malformed, *reasons):
+                self._tracker.count_malformed(skipped)
+            self._malformed.clear()
+            if events:
                 self._tracker.handle_all(events)
 
     # -- connection lifecycle -----------------------------------------------------------------
@@ -234,7 +252,7 @@ class EventConsumer:
         )
         if stream is not None:
             self.status.reader = "redis-socket"
-            stream.run(self.on_payload, self._stopping, self._tick, on_subscribed=self._connected)
+            stream.run(self.on_payloads, self._stopping, self._tick, on_subscribed=self._connected)
             return
         connection.ensure_connection(max_retries=1)
         queue = self._event_queue(connection)

@@ -165,3 +165,86 @@ def test_bad_items_in_a_batch_cost_only_themselves() -> None:
     events = decoder(malformed).decode(body, "application/json")
     assert [e.get("uuid") for e in events] == ["a", None]
     assert malformed == ["not_an_event", "not_an_event"]
+
+
+def base64_of(body: bytes) -> str:
+    import base64
+
+    return base64.b64encode(body).decode()
+
+
+def kombu_envelope(body: bytes, content_type: str = "application/json", **more) -> bytes:
+    """A Redis pub/sub payload as kombu's virtual transport writes it (json.dumps, this order)."""
+    envelope = {
+        "body": base64_of(body),
+        "content-encoding": "utf-8",
+        "content-type": content_type,
+        "headers": {"hostname": "w@h"},
+        "properties": {
+            "delivery_mode": 1,
+            "delivery_info": {"exchange": "celeryev", "routing_key": "task.started"},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": "5e5c",
+        },
+    }
+    envelope.update(more)
+    return json.dumps(envelope).encode()
+
+
+def full_parse_only(monkeypatch) -> None:
+    from celery_obs.exporter import events
+
+    monkeypatch.setattr(events, "_kombu_envelope", lambda payload: None)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        kombu_envelope(json.dumps(dict(TASK_EVENTS[0])).encode()),
+        kombu_envelope(json.dumps([dict(e) for e in TASK_EVENTS]).encode()),
+        kombu_envelope(msgpack.packb(dict(TASK_EVENTS[0])), "application/x-msgpack"),
+        # Not base64 (a header names body_encoding: only the properties' counts).
+        json.dumps(
+            {
+                "body": json.dumps(dict(TASK_EVENTS[0])),
+                "content-encoding": "utf-8",
+                "content-type": "application/json",
+                "headers": {"body_encoding": "base64"},
+                "properties": {"delivery_info": {}},
+            }
+        ).encode(),
+        # Another writer's key order.
+        json.dumps(
+            {
+                "properties": {"body_encoding": "base64"},
+                "content-type": "application/json",
+                "body": base64_of(json.dumps(dict(TASK_EVENTS[0])).encode()),
+            }
+        ).encode(),
+    ],
+    ids=["json", "batch", "msgpack", "raw-body", "other-order"],
+)
+def test_the_envelope_shortcut_decodes_what_the_full_parse_does(payload, monkeypatch) -> None:
+    shortcut = decoder().decode_envelope(payload)
+    full_parse_only(monkeypatch)
+    assert shortcut == decoder().decode_envelope(payload)
+    assert shortcut
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        kombu_envelope(b"\x80\x04pickle", "application/x-python-serialize"),
+        kombu_envelope(b"{not json"),
+        b'{"body": "!!!not base64", "content-encoding": "utf-8", "content-type": '
+        b'"application/json", "headers": {}, "properties": {"body_encoding": "base64"}}',
+    ],
+)
+def test_the_envelope_shortcut_refuses_what_the_full_parse_refuses(payload, monkeypatch) -> None:
+    with pytest.raises(MalformedMessage) as shortcut:
+        decoder().decode_envelope(payload)
+    full_parse_only(monkeypatch)
+    with pytest.raises(MalformedMessage) as full:
+        decoder().decode_envelope(payload)
+    assert shortcut.value.reason == full.value.reason

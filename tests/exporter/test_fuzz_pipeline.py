@@ -144,3 +144,31 @@ def test_promtool_accepts_the_exposition_after_a_hostile_corpus() -> None:
     # promtool exits 0 for valid exposition; lint remarks alone (exit 3) concern names only.
     problems = result.stdout.decode() + result.stderr.decode()
     assert result.returncode == 0, problems
+
+
+def envelope_of(body: str | bytes) -> bytes:
+    raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
+    import base64
+
+    return json.dumps(
+        {
+            "body": base64.b64encode(raw).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": {},
+            "properties": {"body_encoding": "base64"},
+        }
+    ).encode()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(bodies, min_size=1, max_size=8))
+def test_payloads_handed_over_together_count_as_one_by_one(messages) -> None:
+    """The Redis reader hands a slice's payloads over at once: whatever they hold, good or
+    bad, the result is that of handing them over one at a time."""
+    one_by_one, together = Pipeline(), Pipeline()
+    payloads = [envelope_of(body) for body in messages]
+    for payload in payloads:
+        one_by_one.consumer.on_payload(payload)
+    together.consumer.on_payloads(payloads)
+    assert together.scrape() == one_by_one.scrape()

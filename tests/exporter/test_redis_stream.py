@@ -45,12 +45,12 @@ def test_frames_split_anywhere_arrive_whole_and_in_order(pair) -> None:
     sender = threading.Thread(target=send)
     sender.start()
 
-    def on_payload(payload: bytes) -> None:
-        got.append(len(payload))
+    def on_payloads(payloads: list[bytes]) -> None:
+        got.extend(len(payload) for payload in payloads)
 
     subscribed: list[bool] = []
     with pytest.raises(StreamClosed, match="closed by the server"):
-        stream.run(on_payload, stop, lambda: None, lambda: subscribed.append(True))
+        stream.run(on_payloads, stop, lambda: None, lambda: subscribed.append(True))
     sender.join(5)
     assert got == list(range(1, 300))
     assert subscribed == [True]
@@ -63,11 +63,11 @@ def test_an_error_mid_stream_leaves_no_phantom_backlog(pair) -> None:
     stream = RedisEventStream(ours, stats, max_backlog_bytes=1 << 20)
     theirs.sendall(b"".join(pmessage(b"e" * 100) for _ in range(50)))
 
-    def on_payload(payload: bytes) -> None:
+    def on_payloads(payloads: list[bytes]) -> None:
         raise RuntimeError("processing failed")
 
     with pytest.raises(RuntimeError):
-        stream.run(on_payload, threading.Event(), lambda: None, lambda: None)
+        stream.run(on_payloads, threading.Event(), lambda: None, lambda: None)
     # Chunks read but never processed left with the stream; the next reader starts at zero.
     assert stats.bytes_in > 0
     assert stats.backlog_bytes == 0
