@@ -368,6 +368,7 @@ def main() -> None:
     )
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--exporter-arg", action="append", default=[], help="extra exporter flag")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON (table.py)")
     eventgen.add_workload_arguments(parser)
     args = parser.parse_args()
 
@@ -386,6 +387,8 @@ def main() -> None:
         if redis is not None:
             redis.close()
     report(results, workload, args.scenario)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results))
 
 
 if __name__ == "__main__":

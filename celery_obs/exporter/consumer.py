@@ -141,12 +141,14 @@ class EventConsumer:
     def on_payloads(self, payloads: list[bytes]) -> None:
         """Redis pub/sub payloads read together: decoded one by one outside the lock (a bad
         one costs only itself), then handed to the tracker under one acquisition."""
-        decode = self._decoder.decode_envelope
+        self._decode_all(self._decoder.decode_envelope, [(payload,) for payload in payloads])
+
+    def _decode_all(self, decode: Callable[..., list[Event]], messages: list[tuple]) -> None:
         events: list[Event] = []
         reasons: list[str] = []
-        for payload in payloads:
+        for message in messages:
             try:
-                events += decode(payload)
+                events += decode(*message)
             except MalformedMessage as exc:
                 reasons.append(exc.reason)
                 log.debug("skipped malformed event message: %s", exc)
@@ -165,6 +167,10 @@ class EventConsumer:
     def on_body(self, body: bytes, content_type: str | None) -> None:
         """A message body read straight off an AMQP socket."""
         self._process(self._decoder.decode, body, content_type)
+
+    def on_bodies(self, bodies: list[tuple[bytes, str | None]]) -> None:
+        """Message bodies read off an AMQP socket together: as `on_payloads`."""
+        self._decode_all(self._decoder.decode, bodies)
 
     def _process(self, decode: Callable[..., list[Event]], *raw: Any) -> None:
         # Decoding needs no shared state: it runs outside the lock, so a scrape waits only
@@ -275,7 +281,7 @@ class EventConsumer:
                 if heartbeat_check is not None:
                     heartbeat_check()
 
-            fast.run(self.on_body, self._stopping, idle, self._on_oversized)
+            fast.run(self.on_bodies, self._stopping, idle, self._on_oversized)
             # A stop: the socket may hold bytes py-amqp never saw, so no goodbye on it. What
             # was delivered and not acknowledged goes back to the queue, which a restart finds.
             connection.collect()

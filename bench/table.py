@@ -1,0 +1,156 @@
+"""The performance table of docs/performance.md, regenerated: every figure a median of `--runs`
+runs with its spread (min-max), the decode-only ceiling measured in the same sitting, the
+machine and the versions.
+
+    python bench/table.py                 # about 25 minutes with --runs 3
+    python bench/table.py --runs 1 --quick   # one pass over a smaller workload, to try it
+
+Rows: the in-process pipeline against its ceiling (bench/pipeline.py); a Redis drain (the
+exporter and a bare Celery Receiver, paused while the workload is published, then resumed);
+a Redis burst at full speed against the server's default pub/sub limit; Redis and RabbitMQ
+live at 1k, 5k and 20k events/s sent one message at a time; the scrape at 50 and 2,000 task
+names (bench/scrape.py). Needs redis-server on PATH and RabbitMQ at 127.0.0.1:5672.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
+    median = statistics.median(values)
+    if len(values) == 1:
+        return fmt.format(median)
+    return f"{fmt.format(median)} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def run(args: list[str], runs: int) -> list[list[dict]]:
+    """bench/run.py `args`, `runs` times: each run's results (one per subject)."""
+    out = []
+    for number in range(runs):
+        with tempfile.NamedTemporaryFile(suffix=".json") as result:
+            command = [sys.executable, str(HERE / "run.py"), *args, "--json", result.name]
+            print(f"  [{number + 1}/{runs}] run.py {' '.join(args)}", file=sys.stderr, flush=True)
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL, timeout=1800)
+            out.append(json.loads(Path(result.name).read_text()))
+    return out
+
+
+def by_subject(results: list[list[dict]], subject: str) -> list[dict]:
+    return [r for each in results for r in each if r["subject"].startswith(subject)]
+
+
+def rate(r: dict) -> float:
+    return r["counted"] / r["seconds"]
+
+
+def lost(rows: list[dict]) -> str:
+    total = sum(r["published"] - r["counted"] for r in rows)
+    return "0 lost" if total == 0 else f"**{total:,} lost**"
+
+
+def pipeline(tasks: int, runs: int) -> list[str]:
+    result = subprocess.run(
+        [sys.executable, str(HERE / "pipeline.py"), "--tasks", str(tasks), "--runs", str(runs)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return [line.strip() for line in result.stdout.splitlines()[1:]]
+
+
+def scrape(names: int, tasks: int) -> list[str]:
+    result = subprocess.run(
+        [sys.executable, str(HERE / "scrape.py"), "--names", str(names), "--tasks", str(tasks)],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+    )
+    return result.stdout.splitlines()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="10k tasks instead of 50k")
+    args = parser.parse_args()
+    tasks = 10_000 if args.quick else 50_000
+    events = f"{tasks * 4 + tasks // 25:,}"
+    started = time.monotonic()
+    print(f"# celery-obs performance, {time.strftime('%Y-%m-%d')}, medians of {args.runs}\n")
+    print(
+        f"Machine: {os.cpu_count()} cores, {platform.machine()}, Linux {platform.release()}, "
+        f"Python {platform.python_version()}. Versions: "
+        + ", ".join(
+            f"{name} {version(name)}" for name in ("celery", "kombu", "redis", "amqp", "hiredis")
+        )
+        + f". Workload: {events} events ({tasks:,} tasks, 20 workers, 50 names).\n"
+    )
+    print("In process (bench/pipeline.py), events/s:\n")
+    for line in pipeline(tasks, args.runs):
+        print(f"    {line}")
+    print()
+    rows = ["| measure | bare Receiver | celery-obs exporter |", "|---|---|---|"]
+    drain = run(["drain", "--tasks", str(tasks)], args.runs)
+    ours, theirs = by_subject(drain, "celery-obs"), by_subject(drain, "celery Receiver")
+    rows.append(
+        f"| Redis drain, events/s | {spread([rate(r) for r in theirs])} | "
+        f"**{spread([rate(r) for r in ours])}**, {lost(ours)} |"
+    )
+    rows.append(
+        f"| Redis drain, CPU s / peak RSS MB | | {spread([r['cpu'] for r in ours], '{:.1f}')} / "
+        f"{spread([r['peak_rss_mb'] for r in ours])} |"
+    )
+    burst = by_subject(
+        run(["burst", "--tasks", str(tasks), "--batch", "24", "--subjects", "exporter"], args.runs),
+        "celery-obs",
+    )
+    rows.append(
+        f"| Redis burst, full speed, default pub/sub limit: CPU s / peak RSS MB | | "
+        f"{spread([r['cpu'] for r in burst], '{:.1f}')} / "
+        f"{spread([r['peak_rss_mb'] for r in burst])}, {lost(burst)} |"
+    )
+    for broker in ("redis", "amqp"):
+        for offered in (1000, 5000, 20000):
+            live = by_subject(
+                run(
+                    [
+                        *("live", "--broker", broker, "--tasks", str(tasks)),
+                        *("--rate", str(offered), "--subjects", "exporter"),
+                    ],
+                    args.runs,
+                ),
+                "celery-obs",
+            )
+            per_200k = [r["cpu"] * 200_000 / r["counted"] for r in live]
+            rows.append(
+                f"| {'Redis' if broker == 'redis' else 'RabbitMQ'} live at {offered:,} "
+                f"events/s: CPU s per 200k / peak RSS MB | | "
+                f"{spread(per_200k, '{:.1f}')} / {spread([r['peak_rss_mb'] for r in live])}, "
+                f"{lost(live)} |"
+            )
+    print("\n".join(rows))
+    print("\nScrape (bench/scrape.py), median of 20 renderings:\n")
+    for names in (50, 2000):
+        for line in scrape(names, tasks):
+            print(f"    {names:>5} names  {line}")
+    print(f"\n(took {(time.monotonic() - started) / 60:.0f} min)")
+
+
+if __name__ == "__main__":
+    main()
