@@ -61,19 +61,10 @@ def lost(rows: list[dict]) -> str:
     return "0 lost" if total == 0 else f"**{total:,} lost**"
 
 
-def pipeline(tasks: int, runs: int) -> list[str]:
+def output(script: str, *arguments: object) -> list[str]:
+    """The lines another benchmark of bench/ prints."""
     result = subprocess.run(
-        [sys.executable, str(HERE / "pipeline.py"), "--tasks", str(tasks), "--runs", str(runs)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return [line.strip() for line in result.stdout.splitlines()[1:]]
-
-
-def scrape(names: int, tasks: int) -> list[str]:
-    result = subprocess.run(
-        [sys.executable, str(HERE / "scrape.py"), "--names", str(names), "--tasks", str(tasks)],
+        [sys.executable, str(HERE / script), *map(str, arguments)],
         check=True,
         capture_output=True,
         text=True,
@@ -102,8 +93,8 @@ def main() -> None:
         + f". Workload: {events} events ({tasks:,} tasks, 20 workers, 50 names).\n"
     )
     print("In process (bench/pipeline.py), events/s:\n")
-    for line in pipeline(tasks, args.runs):
-        print(f"    {line}")
+    for line in output("pipeline.py", "--tasks", tasks, "--runs", args.runs)[1:]:
+        print(f"    {line.strip()}")
     print()
     rows = ["| measure | bare Receiver | celery-obs exporter |", "|---|---|---|"]
     drain = run(["drain", "--tasks", str(tasks)], args.runs)
@@ -147,7 +138,7 @@ def main() -> None:
     print("\n".join(rows))
     print("\nScrape (bench/scrape.py), median of 20 renderings:\n")
     for names in (50, 2000):
-        for line in scrape(names, tasks):
+        for line in output("scrape.py", "--names", names, "--tasks", tasks):
             print(f"    {names:>5} names  {line}")
     print(f"\n(took {(time.monotonic() - started) / 60:.0f} min)")
 

@@ -141,14 +141,14 @@ class EventConsumer:
     def on_payloads(self, payloads: list[bytes]) -> None:
         """Redis pub/sub payloads read together: decoded one by one outside the lock (a bad
         one costs only itself), then handed to the tracker under one acquisition."""
-        self._decode_all(self._decoder.decode_envelope, [(payload,) for payload in payloads])
+        self._decode_all(self._decoder.decode_envelope, payloads)
 
-    def _decode_all(self, decode: Callable[..., list[Event]], messages: list[tuple]) -> None:
+    def _decode_all(self, decode: Callable[[Any], list[Event]], messages: list) -> None:
         events: list[Event] = []
         reasons: list[str] = []
         for message in messages:
             try:
-                events += decode(*message)
+                events += decode(message)
             except MalformedMessage as exc:
                 reasons.append(exc.reason)
                 log.debug("skipped malformed event message: %s", exc)
@@ -170,7 +170,8 @@ class EventConsumer:
 
     def on_bodies(self, bodies: list[tuple[bytes, str | None]]) -> None:
         """Message bodies read off an AMQP socket together: as `on_payloads`."""
-        self._decode_all(self._decoder.decode, bodies)
+        decode = self._decoder.decode
+        self._decode_all(lambda body_and_type: decode(*body_and_type), bodies)
 
     def _process(self, decode: Callable[..., list[Event]], *raw: Any) -> None:
         # Decoding needs no shared state: it runs outside the lock, so a scrape waits only

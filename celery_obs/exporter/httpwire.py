@@ -177,8 +177,3 @@ def negotiate(accept: str | None) -> str:
     if best <= 0:
         return TEXT
     return next(kind for kind in (TEXT, OPENMETRICS, PROTOBUF) if weights[kind] == best)
-
-
-def wants_openmetrics(accept: str | None) -> bool:
-    """Whether this Accept prefers OpenMetrics text (a version we write) to the other formats."""
-    return negotiate(accept) == OPENMETRICS

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from support import ROOT
@@ -17,6 +19,10 @@ BASE = ROOT / "deploy" / "kubernetes" / "base"
 COMPONENTS = ROOT / "deploy" / "kubernetes" / "components"
 #: A recent Kubernetes whose schemas kubernetes-validate bundles.
 KUBERNETES_VERSION = "1.32.0"
+#: Every deploy test builds with kubectl's built-in kustomize.
+needs_kubectl = pytest.mark.skipif(
+    shutil.which("kubectl") is None, reason="needs kubectl (with its built-in kustomize)"
+)
 
 
 def build(path: Path = BASE) -> list[dict[str, Any]]:

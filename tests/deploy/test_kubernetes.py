@@ -11,13 +11,19 @@ import subprocess
 
 import pytest
 import yaml
-from manifests import COMPONENTS, KUBERNETES_VERSION, build, by_kind, overlay, secret_env
+from manifests import (
+    COMPONENTS,
+    KUBERNETES_VERSION,
+    build,
+    by_kind,
+    needs_kubectl,
+    overlay,
+    secret_env,
+)
 
 from support import ROOT, keys_lost
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("kubectl") is None, reason="needs kubectl (with its built-in kustomize)"
-)
+pytestmark = needs_kubectl
 
 
 def test_every_object_is_valid_against_the_kubernetes_schemas() -> None:

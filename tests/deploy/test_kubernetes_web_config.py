@@ -5,7 +5,6 @@ Secret is taken without a restart."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 import ssl
 import subprocess
@@ -16,13 +15,11 @@ from typing import Any
 import bcrypt
 import pytest
 import yaml
-from manifests import by_kind, overlay, project_secret, secret_env
+from manifests import by_kind, needs_kubectl, overlay, project_secret, secret_env
 
 from support import Process, free_port, http_get, wait_for
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("kubectl") is None, reason="needs kubectl (with its built-in kustomize)"
-)
+pytestmark = needs_kubectl
 
 
 def test_the_exporter_mounts_only_what_it_reads_from_the_one_secret(tmp_path) -> None:

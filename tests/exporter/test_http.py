@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 
 from celery_obs.exporter.config import parse_listen_address
 from celery_obs.exporter.http import Limits, MetricsServer
-from celery_obs.exporter.httpwire import negotiate, wants_gzip, wants_openmetrics
+from celery_obs.exporter.httpwire import negotiate, wants_gzip
 from celery_obs.exporter.webconfig import WebConfigError, load_web_config
 
 from support import ExporterProcess, free_port, http_get, run_exporter_cli, wait_for
@@ -504,7 +504,7 @@ PROMETHEUS_ACCEPT = (
     ],
 )
 def test_accept_chooses_openmetrics_only_when_preferred(accept, openmetrics: bool) -> None:
-    assert wants_openmetrics(accept) is openmetrics
+    assert (negotiate(accept) == "openmetrics") is openmetrics
 
 
 #: What Prometheus 2.42 sends with --enable-feature=native-histograms (protobuf first).
