@@ -55,7 +55,7 @@ SENT_EVENTS_ABSENT_AFTER = 300.0
 _FINAL = frozenset(kind for kind, t in TASK_EVENTS.items() if t.final)
 _COUNTED = frozenset(kind for kind, t in TASK_EVENTS.items() if t.counted)
 _NUMBERED = frozenset(kind for kind, t in TASK_EVENTS.items() if t.numbered)
-_NUMBERS = (float, int)
+_INF = float("inf")
 
 #: Where an event without an attempt number belongs: (record, hostname) -> delivery or None.
 _PLACES: dict[str, Callable[[TaskRecord, object], Delivery | None]] = {
@@ -82,6 +82,10 @@ class TaskTable:
         now: float,
     ) -> None:
         self.metrics = metrics
+        # Read for every event: held here, not looked up through `metrics` each time.
+        self._counts = metrics.counts
+        self._last_at = metrics.last_at
+        self._name_labels = metrics.task_names.values  # the limiter's fast path, without a call
         self.stats = stats
         self.occupancy = Occupancy()
         self.durations = Durations(metrics, stats, skew_tolerance, self.occupancy.ended)
@@ -103,16 +107,19 @@ class TaskTable:
 
     # -- entry points -------------------------------------------------------------------------
 
-    def handle(self, kind: str, event: Event, now: float, wall: float) -> None:
-        """Count and measure one task event (`kind` is a key of vocabulary.TASK_EVENTS), handled
-        at monotonic time `now` and wall time `wall`."""
+    def begin(self, now: float, wall: float) -> None:
+        """The monotonic and wall time of the events handled next (a batch's, read once)."""
         self.now = now
         self.wall = self.durations.wall = wall
+
+    def handle(self, kind: str, event: Event) -> None:
+        """Count and measure one task event (`kind` is a key of vocabulary.TASK_EVENTS), handled
+        at the times `begin` was given."""
         if self.waiting:
-            self.tick(now)
+            self.tick(self.now)
         if kind == "task-sent":
-            self.last_sent_at = now
-            self._apply(kind, event)
+            self.last_sent_at = self.now
+            self._apply(kind, event, None)
             parked = self.waiting.pop(event.get("uuid"), None)  # type: ignore[arg-type]
             if parked is not None:
                 self._replay(parked[1])
@@ -120,8 +127,10 @@ class TaskTable:
             # The common case first: a task already labelled is never parked.
             uuid = event.get("uuid")
             record = self.inflight.get(uuid) if type(uuid) is str else None
-            if (record is not None and record.queue is not None) or not self._park(event, now):
-                self._apply(kind, event)
+            if record is not None and record.queue is not None:
+                self._apply(kind, event, record)
+            elif not self._park(event, self.now):
+                self._apply(kind, event, None)
 
     def tick(self, now: float, wall: float | None = None) -> None:
         """Count parked events whose task-sent did not come within the grace period; with the
@@ -181,7 +190,7 @@ class TaskTable:
         pending, record.pending = record.pending or [], None
         for event in pending:
             try:
-                self._apply(event["type"], event)
+                self._apply(event["type"], event, None)
             except Exception:  # as in Tracker.handle: one bad event costs only itself
                 self.stats.count_malformed("bad_field")
 
@@ -232,23 +241,35 @@ class TaskTable:
 
     # -- counting -----------------------------------------------------------------------------
 
-    def _apply(self, kind: str, event: Event) -> None:
-        uuid = event.get("uuid")
-        if not isinstance(uuid, str) or not uuid:
-            self.stats.count_malformed("missing_uuid")
-            return
-        ts_field, host, retries = event.get("timestamp"), _host(event.get("hostname")), None
-        if kind in _NUMBERED:
-            retries = fields.attempt(event.get("retries"))
-        fingerprint = hash(
-            (
-                kind,
-                ts_field if type(ts_field) in _NUMBERS else None,
-                host,
-                retries,
-            )
+    def _apply(self, kind: str, event: Event, record: TaskRecord | None) -> None:
+        """Count and measure one event of `record` (None: look the task id up). This runs for
+        every task event: the fields are read once here and passed on."""
+        get = event.get
+        hostname = get("hostname")
+        host = (
+            hostname
+            if type(hostname) is str and len(hostname) <= MAX_LABEL_LENGTH and hostname.isascii()
+            else _host(hostname)
         )
-        record = self.inflight.get(uuid) or self._record_for(uuid, kind, retries, fingerprint)
+        retries = None
+        if kind in _NUMBERED:
+            retries = get("retries")
+            if type(retries) is not int or retries < 0:  # fields.attempt
+                retries = None
+        ts_field = get("timestamp")
+        if type(ts_field) is float:
+            ts = ts_field if -_INF < ts_field < _INF else None  # also not NaN
+        elif type(ts_field) is int:
+            ts = fields.timestamp(ts_field)
+        else:
+            ts = ts_field = None
+        fingerprint = hash((kind, ts_field, host, retries))
+        if record is None:
+            uuid = get("uuid")
+            if not isinstance(uuid, str) or not uuid:
+                self.stats.count_malformed("missing_uuid")
+                return
+            record = self.inflight.get(uuid) or self._record_for(uuid, kind, retries, fingerprint)
         prints = record.fingerprints
         if fingerprint in prints:
             self.stats.count_duplicate(kind)
@@ -256,13 +277,24 @@ class TaskTable:
         prints.append(fingerprint)
         if len(prints) > MAX_FINGERPRINTS:
             del prints[: MAX_FINGERPRINTS // 2]
-        name = event.get("name")
+        name = get("name")
         if isinstance(name, str) and name:
-            record.name = self.metrics.task_names(name)
-        ts = fields.timestamp(ts_field)
+            record.name = self._name_labels.get(name) or self.metrics.task_names(name)
 
         # Place before counting: the event is labelled with the queue of its own attempt.
-        delivery: Delivery | None = None
+        delivery, attempt_queue = self._place(kind, record, event, host, retries)
+        if kind in _COUNTED:
+            self._count(kind, record, event, attempt_queue, ts)
+        if kind in _FINAL and not (kind == "task-rejected" and get("requeue")):
+            # Before measuring: a bad field in the measurement must not leave it in flight.
+            self._finish(record.uuid, record)
+        self._measure(kind, record, event, host, delivery, retries, ts)
+
+    def _place(
+        self, kind: str, record: TaskRecord, event: Event, host: str | None, retries: int | None
+    ) -> tuple[Delivery | None, str | None]:
+        """The delivery an event belongs to (None for sends and receipts, which make their
+        own), and the queue of its attempt."""
         if kind == "task-sent":
             queue = event.get("queue")
             if isinstance(queue, str) and queue:
@@ -270,31 +302,28 @@ class TaskTable:
                 record.queue = label
                 if label == queue:
                     self.seen_queues.add(queue)
-            attempt_queue = record.queue
-        elif kind == "task-received":
-            attempt_queue = record.queue_of(0 if retries is None else retries)
-        else:
-            delivery = _PLACES[kind](record, host)
-            attempt_queue = record.queue_of(delivery.retries) if delivery else record.queue
+            return None, record.queue
+        if kind == "task-received":
+            return None, record.queue_of(0 if retries is None else retries)
+        delivery = _PLACES[kind](record, host)
+        return delivery, record.queue_of(delivery.retries) if delivery else record.queue
 
-        if kind in _COUNTED:
-            key: LabelKey = (record.name or UNKNOWN_LABEL, attempt_queue or UNKNOWN_LABEL)
-            if kind == "task-failed":
-                key = self._failure_key(record, event, key)
-            counts = self.metrics.counts[kind]
-            counts[key] = counts.get(key, 0) + 1
-            last_at = self.metrics.last_at.get(kind)
-            if last_at is not None:
-                # The event's time, never later than ours (a worker clock ahead must not hide
-                # a dead-man's switch), never going back (a late event of an older run).
-                wall = self.wall
-                at = wall if ts is None or ts > wall else ts
-                if at > last_at.get(key[0], 0.0):
-                    last_at[key[0]] = at
-        if kind in _FINAL and not (kind == "task-rejected" and event.get("requeue")):
-            # Before measuring: a bad field in the measurement must not leave it in flight.
-            self._finish(uuid, record)
-        self._measure(kind, record, event, delivery, retries, ts)
+    def _count(
+        self, kind: str, record: TaskRecord, event: Event, queue: str | None, ts: float | None
+    ) -> None:
+        key: LabelKey = (record.name or UNKNOWN_LABEL, queue or UNKNOWN_LABEL)
+        if kind == "task-failed":
+            key = self._failure_key(record, event, key)
+        counts = self._counts[kind]
+        counts[key] = counts.get(key, 0) + 1
+        last_at = self._last_at.get(kind)
+        if last_at is not None:
+            # The event's time, never later than ours (a worker clock ahead must not hide a
+            # dead-man's switch), never going back (a late event of an older run).
+            wall = self.wall
+            at = wall if ts is None or ts > wall else ts
+            if at > last_at.get(key[0], 0.0):
+                last_at[key[0]] = at
 
     def _failure_key(self, record: TaskRecord, event: Event, key: LabelKey) -> LabelKey:
         exception = event.get("exception")
@@ -311,6 +340,7 @@ class TaskTable:
         kind: str,
         record: TaskRecord,
         event: Event,
+        host: str | None,
         delivery: Delivery | None,
         retries: int | None,
         ts: float | None,
@@ -320,7 +350,7 @@ class TaskTable:
             if retries is not None:
                 self._sent(record, event, retries, ts)
         elif kind == "task-received":
-            self._received(record, event, 0 if retries is None else retries, ts)
+            self._received(record, event, host, 0 if retries is None else retries, ts)
         elif kind == "task-started":
             record.ran = True
             if delivery is None:
@@ -329,7 +359,7 @@ class TaskTable:
                 durations.started(record, delivery, ts, self.sends_expected)
                 self.occupancy.started(record, delivery, self.wall)
         elif kind in ("task-succeeded", "task-failed"):
-            self._outcome(kind, record, event, delivery, ts)
+            self._outcome(kind, record, event, host, delivery, ts)
         elif delivery is not None and not (kind == "task-rejected" and event.get("requeue")):
             # Retried, revoked, rejected and cancelled end their delivery.
             durations.close(record, delivery, kind)
@@ -340,7 +370,8 @@ class TaskTable:
             self.occupancy.ended(delivery)
 
     def _sent(self, record: TaskRecord, event: Event, retries: int, ts: float | None) -> None:
-        send = Send(retries, ts, fields.parse_eta(event.get("eta")), record.queue)
+        eta = event.get("eta")
+        send = Send(retries, ts, fields.parse_eta(eta) if eta else None, record.queue)
         previous = record.send_of(retries)
         if previous is None:
             record.sends.append(send)
@@ -357,14 +388,16 @@ class TaskTable:
             record.origin = send
         self.durations.sent(record, retries)
 
-    def _received(self, record: TaskRecord, event: Event, retries: int, ts: float | None) -> None:
+    def _received(
+        self, record: TaskRecord, event: Event, host: str | None, retries: int, ts: float | None
+    ) -> None:
         # The same attempt delivered again (acks_late after a lost worker, a requeued reject, a
         # replaced task): its earlier delivery will never end.
         for delivery in record.deliveries:
             if delivery.retries == retries:
                 self.durations.abandon(record, delivery)
-        host = _host(event.get("hostname"))
-        new = Delivery(host, ts, retries, fields.parse_eta(event.get("eta")))
+        eta = event.get("eta")
+        new = Delivery(host, ts, retries, fields.parse_eta(eta) if eta else None)
         for dropped in record.add_delivery(new):
             self.durations.abandon(record, dropped)
         self.occupancy.received(record, new, self.wall)
@@ -374,11 +407,11 @@ class TaskTable:
         kind: str,
         record: TaskRecord,
         event: Event,
+        host: str | None,
         delivery: Delivery | None,
         ts: float | None,
     ) -> None:
         durations = self.durations
-        host = _host(event.get("hostname"))
         if delivery is None:
             delivery = record.first_open(host)  # an outcome before its start was seen
         if delivery is None:
