@@ -1,6 +1,6 @@
 """The processing stage alone, against its ceiling, in one process: no broker, no threads.
 
-    python bench/pipeline.py --tasks 50000 --batch 1 [--runs 3] [--profile]
+    python bench/pipeline.py --tasks 50000 --batch 1 [--runs 3] [--profile [tracker]]
 
 The workload's Redis wire bytes (RESP pmessage frames, as the server sends them) go through:
 
@@ -8,7 +8,11 @@ The workload's Redis wire bytes (RESP pmessage frames, as the server sends them)
   ceiling    split, then each message decoded the plain way (JSON envelope, base64, JSON body):
              the decode-only loop, the most a consumer that decodes everything could do;
   exporter   split, then our consumer's own path (envelope shortcut, decode, the tracker's
-             bookkeeping under its lock), 16 kB slices handed over at a time as the reader does.
+             bookkeeping under its lock), 16 kB slices handed over at a time as the reader does;
+  decode     split, then our decoder alone (what `exporter` costs before the tracker);
+  tracker    the tracker alone, handed the decoded events of each 16 kB slice: its bookkeeping.
+
+`decode` and `tracker` split `exporter`'s time; their rates are not shares of the ceiling.
 
 Each is run `--runs` times, interleaved; the median and the spread (min-max) are printed, and
 the exporter's share of the ceiling.
@@ -30,6 +34,7 @@ import hiredis
 import orjson
 
 from celery_obs.exporter.consumer import BrokerStatus, EventConsumer
+from celery_obs.exporter.events import EventDecoder
 from celery_obs.exporter.tracker import Tracker
 
 FEED = 16 << 10  # as the Redis reader feeds hiredis
@@ -85,22 +90,67 @@ def exporter(wire: bytes) -> int:
     return sum(tracker.stats.events_by_type.values())
 
 
+def decode(wire: bytes) -> int:
+    decoder = EventDecoder(lambda reason: None)
+    count = 0
+
+    def handle(payloads: list[bytes]) -> None:
+        nonlocal count
+        for payload in payloads:
+            count += len(decoder.decode_envelope(payload))
+
+    frames(wire, handle)
+    return count
+
+
+def decoded_slices(wire: bytes) -> list[list[dict]]:
+    decoder = EventDecoder(lambda reason: None)
+    slices: list[list[dict]] = []
+
+    def handle(payloads: list[bytes]) -> None:
+        slices.append([event for payload in payloads for event in decoder.decode_envelope(payload)])
+
+    frames(wire, handle)
+    return slices
+
+
+def tracker(slices: list[list[dict]]) -> int:
+    # The tracker reads the events and never changes them: every run can be handed the same.
+    tracker = Tracker()
+    for events in slices:
+        tracker.handle_all(events)
+    return sum(tracker.stats.events_by_type.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--profile", action="store_true", help="cProfile the exporter's path")
+    parser.add_argument(
+        "--profile",
+        nargs="?",
+        const="exporter",
+        choices=("exporter", "tracker"),
+        help="cProfile the exporter's path (default) or the tracker's alone",
+    )
     eventgen.add_workload_arguments(parser)
     args = parser.parse_args()
     workload = eventgen.workload_from(args)
     events = len(workload.events)
     wire = wire_bytes(workload)
     print(f"{events:,} events, {len(wire) / 1e6:.0f} MB of wire, batch {workload.batch}")
-    stages = {"split": split, "ceiling": ceiling, "exporter": exporter}
+    slices = decoded_slices(wire)
+    stages: dict[str, Callable[[], int]] = {
+        "split": lambda: split(wire),
+        "ceiling": lambda: ceiling(wire),
+        "exporter": lambda: exporter(wire),
+        "decode": lambda: decode(wire),
+        "tracker": lambda: tracker(slices),
+    }
     rates: dict[str, list[float]] = {name: [] for name in stages}
     for _ in range(args.runs):
         for name, stage in stages.items():
             started = time.perf_counter()
-            counted = stage(wire)
+            counted = stage()
             took = time.perf_counter() - started
             assert counted == (events if name != "split" else counted), (name, counted)
             rates[name].append(events / took)
@@ -115,7 +165,7 @@ def main() -> None:
     )
     if args.profile:
         profiler = cProfile.Profile()
-        profiler.runcall(exporter, wire)
+        profiler.runcall(stages[args.profile])
         pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
 
 
