@@ -5,7 +5,9 @@ decoded with `json.loads` (or msgpack) by content type and a list body (workers 
 as `task.multi`) is flattened. Any other content type, pickle above all, is refused unread: the
 exporter must never unpickle what is on a shared broker.
 
-One difference from Celery's receiver, on purpose: timestamps are kept as sent. The receiver
+Two differences from Celery's receiver, on purpose. No `local_received` is stamped: the tracker
+keeps its own clock, and a message's events are passed on as decoded. And timestamps are kept
+as sent. The receiver
 "localizes" each event's `timestamp` by the difference between the sender's and its own UTC
 offset, but the timestamp is `time.time()`, seconds since the epoch, which no time zone changes:
 shifting it puts hours of error into every wait between hosts in different time zones, and into
@@ -85,7 +87,8 @@ def _kombu_envelope(payload: bytes) -> tuple[bytes, str] | None:
     if end < 0 or not payload.startswith(_TYPE_START, end):
         return None
     type_start = end + len(_TYPE_START)
-    content_type = _CONTENT_TYPES.get(payload[type_start : payload.find(b'"', type_start)])
+    type_end = payload.find(b'", ', type_start)  # as kombu writes it, or the full parse decides
+    content_type = _CONTENT_TYPES.get(payload[type_start:type_end]) if type_end > 0 else None
     if content_type is None:
         return None
     # The properties come last: their body_encoding, not a header's, says base64.

@@ -120,12 +120,11 @@ class Tracker:
         by_type, event_types = stats.events_by_type, self.event_types
         known = event_types.values  # the limiter's own table: its fast path, without a call
         tasks.begin(now, wall)
-        handled = False
         for event in events:
             kind = event.get("type")
             kind = (type(kind) is str and known.get(kind)) or event_types(kind)
             by_type[kind] = by_type.get(kind, 0) + 1
-            handled = True
+            stats.last_event_at = wall
             try:
                 if kind in TASK_EVENTS:
                     tasks.handle(kind, event)
@@ -135,8 +134,6 @@ class Tracker:
                 # Whatever an event holds (a list for a name, 1e400 for a runtime) costs that
                 # event only: counted, skipped, and the stream goes on.
                 stats.count_malformed("bad_field")
-        if handled:
-            stats.last_event_at = wall
 
     def count_malformed(self, reason: str) -> None:
         self.stats.count_malformed(reason)

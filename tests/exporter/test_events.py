@@ -71,7 +71,8 @@ TASK_EVENTS = [
 
 
 def celery_view(body: dict) -> dict:
-    """What celery's Receiver makes of one event body (clock aside: it is receiver state), with
+    """What celery's Receiver makes of one event body (clock and local_received aside: they are
+    receiver state, and the tracker keeps its own clock), with
     timestamps kept as sent (see exporter/events.py: the receiver's "localizing" is wrong)."""
     app = Celery(broker="memory://", set_as_current=False)
     receiver = Receiver(app.connection_for_read(), app=app)
@@ -79,7 +80,7 @@ def celery_view(body: dict) -> dict:
         json.loads(json.dumps(body)), localize=False, now=lambda: NOW
     )
     event.pop("clock", None)
-    event.pop("local_received", None)  # receiver state too: the tracker keeps its own clock
+    event.pop("local_received", None)
     return event
 
 
@@ -91,7 +92,6 @@ def decoder(malformed: list[str] | None = None) -> EventDecoder:
 def strip_clock(events: list[dict]) -> list[dict]:
     for event in events:
         event.pop("clock", None)
-    event.pop("local_received", None)  # receiver state too: the tracker keeps its own clock
     return events
 
 
@@ -240,6 +240,14 @@ def test_the_envelope_shortcut_decodes_what_the_full_parse_does(payload, monkeyp
         kombu_envelope(b"{not json"),
         b'{"body": "!!!not base64", "content-encoding": "utf-8", "content-type": '
         b'"application/json", "headers": {}, "properties": {"body_encoding": "base64"}}',
+        # Not JSON right after the content type (found by review: the shortcut once read the
+        # type up to any quote, so this decoded).
+        b'{"body": "eyJ0eXBlIjoidGFzay1zZW50In0=", "content-encoding": "utf-8", '
+        b'"content-type": "application/json"X "headers": {}, "properties": '
+        b'{"body_encoding": "base64"}}',
+        # No quote after the content type at all.
+        b'{"body": "eyJ0eXBlIjoidGFzay1zZW50In0=", "content-encoding": "utf-8", '
+        b'"content-type": "application/jsonX',
     ],
 )
 def test_the_envelope_shortcut_refuses_what_the_full_parse_refuses(payload, monkeypatch) -> None:
