@@ -50,11 +50,12 @@ _BASIC_DELIVER = (60, 60)
 _IGNORED_METHODS = {(60, 21), (60, 11), (10, 60), (10, 61)}
 _CONTENT_TYPE_FLAG = 0x8000
 _RECV_SIZE = 256 << 10
-#: As on Redis (redis_stream._TRICKLE): after a small read, let the kernel gather for 20 ms,
-#: so a live stream costs a loop turn, a lock and an ack per 20 ms, not per message. The
-#: prefetch window (2000 deliveries by default) is far more than 20 ms of any live stream.
+#: As on Redis (redis_stream._TRICKLE): after a small read, let the kernel gather for 50 ms,
+#: so a live stream costs a loop turn, a lock and an ack per 50 ms, not per message. The
+#: prefetch window (2000 deliveries) is more than 50 ms of a stream whose reads are small: 2000
+#: deliveries fill far more than _TRICKLE, and a full read never waits.
 _TRICKLE = 64 << 10
-_GATHER = 0.02
+_GATHER = 0.05
 
 
 class AmqpStreamError(ConnectionError):
