@@ -294,6 +294,16 @@ SETTINGS = SettingTable(
             metavar="N",
         ),
         _flag(
+            "max_finished_tasks",
+            "--max-finished-tasks",
+            _LIMITS.max_finished_tasks,
+            "Finished tasks remembered (about 0.8 kB each), so their late events are placed and "
+            "redelivered ones not counted twice. The default holds the tasks of a RabbitMQ "
+            "prefetch window (2000 messages of up to 24 events) redelivered after a reconnect.",
+            positive(int),
+            metavar="N",
+        ),
+        _flag(
             "enable_events",
             "--enable-events",
             True,
@@ -386,6 +396,7 @@ def config_from_args(args: argparse.Namespace) -> ExporterConfig:
             max_queues=args.max_queues,
             max_workers=args.max_workers,
             max_tracked_tasks=args.max_tracked_tasks,
+            max_finished_tasks=args.max_finished_tasks,
             worker_timeout=args.worker_timeout,
             worker_retention=args.worker_retention,
             buckets=bucket_layout(args),

@@ -45,6 +45,7 @@ def test_every_flag_from_the_environment() -> None:
         "CELERY_OBS_MAX_QUEUES": "30",
         "CELERY_OBS_MAX_WORKERS": "40",
         "CELERY_OBS_MAX_TRACKED_TASKS": "1000",
+        "CELERY_OBS_MAX_FINISHED_TASKS": "500",
         "CELERY_OBS_QUEUE_POLL_INTERVAL": "5",
         "CELERY_OBS_ENABLE_EVENTS": "false",
         "CELERY_OBS_ENABLE_EVENTS_INTERVAL": "9",
@@ -61,6 +62,7 @@ def test_every_flag_from_the_environment() -> None:
     assert (limits.worker_timeout, limits.worker_retention) == (7.5, 7200.0)
     assert (limits.max_task_names, limits.max_exceptions, limits.max_queues) == (50, 20, 30)
     assert (limits.max_workers, limits.max_tracked_tasks) == (40, 1000)
+    assert limits.max_finished_tasks == 500
     assert limits.buckets == BucketLayout((0.1, 1.0, 60.0), (0.1, 1.0, 60.0), (0.1, 1.0, 60.0))
     assert config.queues == ("a", "b")
     assert (config.queue_poll_interval, config.enable_events_interval) == (5.0, 9.0)
