@@ -36,16 +36,25 @@ def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
     return f"{fmt.format(median)} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
-def run(args: list[str], runs: int) -> list[list[dict]]:
-    """bench/run.py `args`, `runs` times: each run's results (one per subject)."""
+def run(args: list[str], runs: int) -> list[list[dict]] | None:
+    """bench/run.py `args`, `runs` times: each run's results (one per subject); None if a run
+    failed (its error is on stderr), so one scenario's failure costs only its row."""
     out = []
     for number in range(runs):
         with tempfile.NamedTemporaryFile(suffix=".json") as result:
             command = [sys.executable, str(HERE / "run.py"), *args, "--json", result.name]
             print(f"  [{number + 1}/{runs}] run.py {' '.join(args)}", file=sys.stderr, flush=True)
-            subprocess.run(command, check=True, stdout=subprocess.DEVNULL, timeout=1800)
+            try:
+                subprocess.run(command, check=True, stdout=subprocess.DEVNULL, timeout=1800)
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+                print(f"  run.py {' '.join(args)} failed: {exc}", file=sys.stderr, flush=True)
+                return None
             out.append(json.loads(Path(result.name).read_text()))
     return out
+
+
+def row(line: str) -> None:
+    print(line, flush=True)
 
 
 def by_subject(results: list[list[dict]], subject: str) -> list[dict]:
@@ -96,46 +105,54 @@ def main() -> None:
     for line in output("pipeline.py", "--tasks", tasks, "--runs", args.runs)[1:]:
         print(f"    {line.strip()}")
     print()
-    rows = ["| measure | bare Receiver | celery-obs exporter |", "|---|---|---|"]
+    # Each row is printed once measured: a long sitting that fails late keeps what it measured.
+    print("| measure | bare Receiver | celery-obs exporter |\n|---|---|---|", flush=True)
     drain = run(["drain", "--tasks", str(tasks)], args.runs)
-    ours, theirs = by_subject(drain, "celery-obs"), by_subject(drain, "celery Receiver")
-    rows.append(
-        f"| Redis drain, events/s | {spread([rate(r) for r in theirs])} | "
-        f"**{spread([rate(r) for r in ours])}**, {lost(ours)} |"
+    if drain is None:
+        row("| Redis drain | failed: see stderr | |")
+    else:
+        ours, theirs = by_subject(drain, "celery-obs"), by_subject(drain, "celery Receiver")
+        row(
+            f"| Redis drain, events/s | {spread([rate(r) for r in theirs])} | "
+            f"**{spread([rate(r) for r in ours])}**, {lost(ours)} |"
+        )
+        row(
+            f"| Redis drain, CPU s / peak RSS MB | | "
+            f"{spread([r['cpu'] for r in ours], '{:.1f}')} / "
+            f"{spread([r['peak_rss_mb'] for r in ours])} |"
+        )
+    burst = run(
+        ["burst", "--tasks", str(tasks), "--batch", "24", "--subjects", "exporter"], args.runs
     )
-    rows.append(
-        f"| Redis drain, CPU s / peak RSS MB | | {spread([r['cpu'] for r in ours], '{:.1f}')} / "
-        f"{spread([r['peak_rss_mb'] for r in ours])} |"
-    )
-    burst = by_subject(
-        run(["burst", "--tasks", str(tasks), "--batch", "24", "--subjects", "exporter"], args.runs),
-        "celery-obs",
-    )
-    rows.append(
-        f"| Redis burst, full speed, default pub/sub limit: CPU s / peak RSS MB | | "
-        f"{spread([r['cpu'] for r in burst], '{:.1f}')} / "
-        f"{spread([r['peak_rss_mb'] for r in burst])}, {lost(burst)} |"
-    )
+    if burst is None:
+        row("| Redis burst | | failed: see stderr |")
+    else:
+        ours = by_subject(burst, "celery-obs")
+        row(
+            f"| Redis burst, full speed, default pub/sub limit: CPU s / peak RSS MB | | "
+            f"{spread([r['cpu'] for r in ours], '{:.1f}')} / "
+            f"{spread([r['peak_rss_mb'] for r in ours])}, {lost(ours)} |"
+        )
     for broker in ("redis", "amqp"):
         for offered in (1000, 5000, 20000):
-            live = by_subject(
-                run(
-                    [
-                        *("live", "--broker", broker, "--tasks", str(tasks)),
-                        *("--rate", str(offered), "--subjects", "exporter"),
-                    ],
-                    args.runs,
-                ),
-                "celery-obs",
+            name = f"{'Redis' if broker == 'redis' else 'RabbitMQ'} live at {offered:,} events/s"
+            live = run(
+                [
+                    *("live", "--broker", broker, "--tasks", str(tasks)),
+                    *("--rate", str(offered), "--subjects", "exporter"),
+                ],
+                args.runs,
             )
-            per_200k = [r["cpu"] * 200_000 / r["counted"] for r in live]
-            rows.append(
-                f"| {'Redis' if broker == 'redis' else 'RabbitMQ'} live at {offered:,} "
-                f"events/s: CPU s per 200k / peak RSS MB | | "
-                f"{spread(per_200k, '{:.1f}')} / {spread([r['peak_rss_mb'] for r in live])}, "
-                f"{lost(live)} |"
+            if live is None:
+                row(f"| {name} | | failed: see stderr |")
+                continue
+            ours = by_subject(live, "celery-obs")
+            per_200k = [r["cpu"] * 200_000 / r["counted"] for r in ours]
+            row(
+                f"| {name}: CPU s per 200k / peak RSS MB | | "
+                f"{spread(per_200k, '{:.1f}')} / {spread([r['peak_rss_mb'] for r in ours])}, "
+                f"{lost(ours)} |"
             )
-    print("\n".join(rows))
     print("\nScrape (bench/scrape.py), median of 20 renderings:\n")
     for names in (50, 2000):
         for line in output("scrape.py", "--names", names, "--tasks", tasks):
