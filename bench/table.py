@@ -2,7 +2,7 @@
 runs with its spread (min-max), the decode-only ceiling measured in the same sitting, the
 machine and the versions.
 
-    python bench/table.py                 # about 25 minutes with --runs 3
+    python bench/table.py                 # about 40 minutes with --runs 3
     python bench/table.py --runs 1 --quick   # one pass over a smaller workload, to try it
 
 Rows: the in-process pipeline against its ceiling (bench/pipeline.py); a Redis drain (the
