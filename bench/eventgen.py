@@ -247,9 +247,6 @@ class AmqpPublisher(_Closing):
             userid=parsed.username or "guest",
             password=parsed.password or "guest",
             virtual_host=parsed.path[1:] or "/",
-            # RabbitMQ's flow control may hold a fast publisher for seconds (seen at 20k
-            # messages/s on 2 cores): wait, as a worker's publisher would, rather than fail.
-            write_timeout=120,
         )
         self.connection.connect()
         self.channel = self.connection.channel()

@@ -15,9 +15,11 @@ names (bench/scrape.py). Needs redis-server on PATH and RabbitMQ at 127.0.0.1:56
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -30,6 +32,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def spread(values: list[float], fmt: str = "{:,.0f}") -> str:
+    if not values:
+        return "n/a"
     median = statistics.median(values)
     if len(values) == 1:
         return fmt.format(median)
@@ -44,13 +48,28 @@ def run(args: list[str], runs: int) -> list[list[dict]] | None:
         with tempfile.NamedTemporaryFile(suffix=".json") as result:
             command = [sys.executable, str(HERE / "run.py"), *args, "--json", result.name]
             print(f"  [{number + 1}/{runs}] run.py {' '.join(args)}", file=sys.stderr, flush=True)
+            # Its own process group: a run that hangs is stopped with what it started (exporter,
+            # redis-server, Receiver), which would otherwise skew every later row.
+            proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, start_new_session=True)
             try:
-                subprocess.run(command, check=True, stdout=subprocess.DEVNULL, timeout=1800)
-            except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-                print(f"  run.py {' '.join(args)} failed: {exc}", file=sys.stderr, flush=True)
+                code: object = proc.wait(timeout=1800)
+            except subprocess.TimeoutExpired:
+                code = "timed out after 1800 s"
+            stop_group(proc)
+            if code != 0:
+                print(f"  run.py {' '.join(args)} failed: {code}", file=sys.stderr, flush=True)
                 return None
             out.append(json.loads(Path(result.name).read_text()))
     return out
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Interrupt run.py's process group (its cleanup runs), then kill what is left of it."""
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
 
 
 def row(line: str) -> None:
@@ -109,7 +128,7 @@ def main() -> None:
     print("| measure | bare Receiver | celery-obs exporter |\n|---|---|---|", flush=True)
     drain = run(["drain", "--tasks", str(tasks)], args.runs)
     if drain is None:
-        row("| Redis drain | failed: see stderr | |")
+        row("| Redis drain | failed: see stderr | failed: see stderr |")
     else:
         ours, theirs = by_subject(drain, "celery-obs"), by_subject(drain, "celery Receiver")
         row(
@@ -147,7 +166,7 @@ def main() -> None:
                 row(f"| {name} | | failed: see stderr |")
                 continue
             ours = by_subject(live, "celery-obs")
-            per_200k = [r["cpu"] * 200_000 / r["counted"] for r in ours]
+            per_200k = [r["cpu"] * 200_000 / r["counted"] for r in ours if r["counted"]]
             row(
                 f"| {name}: CPU s per 200k / peak RSS MB | | "
                 f"{spread(per_200k, '{:.1f}')} / {spread([r['peak_rss_mb'] for r in ours])}, "

@@ -298,8 +298,9 @@ SETTINGS = SettingTable(
             "--max-finished-tasks",
             _LIMITS.max_finished_tasks,
             "Finished tasks remembered (about 0.8 kB each), so their late events are placed and "
-            "redelivered ones not counted twice. The default holds the tasks of a RabbitMQ "
-            "prefetch window (2000 messages of up to 24 events) redelivered after a reconnect.",
+            "redelivered ones not counted twice. The default is sized for a RabbitMQ prefetch "
+            "window redelivered after a reconnect: 2000 messages of up to 24 events, ~12k tasks "
+            "at 4 events each.",
             positive(int),
             metavar="N",
         ),
