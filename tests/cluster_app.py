@@ -1,7 +1,9 @@
 """The Celery app the real-broker tests run in a real `celery worker` process.
 
 Broker and queue come from the environment so each test can point it at its own Redis database
-or RabbitMQ vhost. Every task exists to produce one kind of lifecycle the exporter must count.
+or RabbitMQ vhost. The broker has no default: a worker started without one must fail, not reach
+the machine's shared Redis on 6379. Every task exists to produce one kind of lifecycle the
+exporter must count.
 """
 
 import os
@@ -10,7 +12,7 @@ import time
 from celery import Celery
 from celery.exceptions import Reject
 
-app = Celery("obs_test", broker=os.environ.get("OBS_TEST_BROKER", "redis://127.0.0.1:6379/15"))
+app = Celery("obs_test", broker=os.environ["OBS_TEST_BROKER"])
 app.conf.update(
     task_send_sent_event=True,
     worker_send_task_events=True,

@@ -11,11 +11,12 @@ from celery.utils.log import get_task_logger
 
 from celery_obs import log_shipping
 
-# A result backend only where a test runs a chord (it needs one).
+# The broker has no default (a stray run must not reach the machine's shared Redis on 6379); a
+# result backend only where a test runs a chord (it needs one).
 backend = os.environ.get("OBS_TEST_BACKEND")
 app = Celery(
     "obs_logs",
-    broker=os.environ.get("OBS_TEST_BROKER", "redis://127.0.0.1:6379/14"),
+    broker=os.environ["OBS_TEST_BROKER"],
     backend=backend,
 )
 app.conf.update(
