@@ -134,16 +134,27 @@ class EventConsumer:
 
     # -- message path -------------------------------------------------------------------------
 
-    def on_payload(self, payload: bytes) -> None:
-        """A Redis pub/sub payload: kombu's envelope around the event body."""
-        self._process(self._decoder.decode_envelope, payload)
-
     def on_payloads(self, payloads: list[bytes]) -> None:
-        """Redis pub/sub payloads read together: decoded one by one outside the lock (a bad
-        one costs only itself), then handed to the tracker under one acquisition."""
+        """Redis pub/sub payloads (kombu's envelope around the event body) read together."""
         self._decode_all(self._decoder.decode_envelope, payloads)
 
+    def on_bodies(self, bodies: list[tuple[bytes, str | None]]) -> None:
+        """Message bodies, with their content types, read off an AMQP socket together."""
+        decode = self._decoder.decode
+        self._decode_all(lambda body_and_type: decode(*body_and_type), bodies)
+
+    def on_message(self, message: Message) -> None:
+        """A message delivered by kombu (transports without a fast path of their own)."""
+        decode = self._decoder.decode
+        self._decode_all(lambda one: decode(one.body, one.content_type), [message])
+        if not message.acknowledged and message.delivery_info.get("delivery_tag") is not None:
+            with contextlib.suppress(Exception):  # pub/sub transports have nothing to ack
+                message.ack()
+
     def _decode_all(self, decode: Callable[[Any], list[Event]], messages: list) -> None:
+        # Decoding needs no shared state: it runs outside the lock, message by message (a bad
+        # one costs only itself), so a scrape waits only for the tracker's bookkeeping, under
+        # one acquisition for all of them, never for a big message's JSON.
         events: list[Event] = []
         reasons: list[str] = []
         for message in messages:
@@ -156,37 +167,6 @@ class EventConsumer:
                 reasons.append("decode")
                 log.debug("skipped undecodable event message: %r", exc)
         self._hand_over(events, reasons)
-
-    def on_message(self, message: Message) -> None:
-        """A message delivered by kombu (transports without a fast path of their own)."""
-        self._process(self._decoder.decode, message.body, message.content_type)
-        if not message.acknowledged and message.delivery_info.get("delivery_tag") is not None:
-            with contextlib.suppress(Exception):  # pub/sub transports have nothing to ack
-                message.ack()
-
-    def on_body(self, body: bytes, content_type: str | None) -> None:
-        """A message body read straight off an AMQP socket."""
-        self._process(self._decoder.decode, body, content_type)
-
-    def on_bodies(self, bodies: list[tuple[bytes, str | None]]) -> None:
-        """Message bodies read off an AMQP socket together: as `on_payloads`."""
-        decode = self._decoder.decode
-        self._decode_all(lambda body_and_type: decode(*body_and_type), bodies)
-
-    def _process(self, decode: Callable[..., list[Event]], *raw: Any) -> None:
-        # Decoding needs no shared state: it runs outside the lock, so a scrape waits only
-        # for the tracker's bookkeeping, never for a big message's JSON.
-        events: list[Event] = []
-        reason = ""
-        try:
-            events = decode(*raw)
-        except MalformedMessage as exc:
-            reason = exc.reason
-            log.debug("skipped malformed event message: %s", exc)
-        except Exception as exc:  # a message must never look like a broker failure
-            reason = "decode"
-            log.debug("skipped undecodable event message: %r", exc)
-        self._hand_over(events, [reason] if reason else [])
 
     def _hand_over(self, events: list[Event], reasons: list[str]) -> None:
         with self._lock:
@@ -264,11 +244,16 @@ class EventConsumer:
         connection.ensure_connection(max_retries=1)
         queue = self._event_queue(connection)
         channel = self._declare(connection, queue)
-        # Acknowledged deliveries, at most `prefetch` in flight: a stalled link or a restart
-        # loses nothing that reached the queue (unacknowledged deliveries come back).
+        # AMQP: acknowledged deliveries, at most `prefetch` in flight: a stalled link or a
+        # restart loses nothing that reached the queue (unacknowledged deliveries come back).
+        # kombu's virtual transports (memory, filesystem, SQS...) give their messages no
+        # delivery tag we ack by, so there they are taken unacknowledged, as Celery's own
+        # Receiver takes them: held for an ack that never comes, they stalled the consumer
+        # once `prefetch` of them were in flight.
+        acks = connection.transport.driver_type == "amqp"
         channel.basic_qos(0, self._queue_options.prefetch, False)
         consumer = Consumer(
-            channel, queues=[queue], on_message=self.on_message, no_ack=False, auto_declare=False
+            channel, queues=[queue], on_message=self.on_message, no_ack=not acks, auto_declare=False
         )
         consumer.consume()
         self._connected()

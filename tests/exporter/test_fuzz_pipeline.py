@@ -81,13 +81,13 @@ class Pipeline:
 
     def feed(self, body: str | bytes) -> None:
         raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
-        self.consumer.on_body(raw, "application/json")
+        self.consumer.on_bodies([(raw, "application/json")])
         envelope = {
             "body": body if isinstance(body, str) else raw.decode("latin-1"),
             "content-type": "application/json",
             "properties": {},
         }
-        self.consumer.on_payload(json.dumps(envelope).encode())
+        self.consumer.on_payloads([json.dumps(envelope).encode()])
 
     def scrape(self) -> str:
         text = self.exposition.render().decode("utf-8")  # strict: must be valid UTF-8
@@ -169,6 +169,6 @@ def test_payloads_handed_over_together_count_as_one_by_one(messages) -> None:
     one_by_one, together = Pipeline(), Pipeline()
     payloads = [envelope_of(body) for body in messages]
     for payload in payloads:
-        one_by_one.consumer.on_payload(payload)
+        one_by_one.consumer.on_payloads([payload])
     together.consumer.on_payloads(payloads)
     assert together.scrape() == one_by_one.scrape()
