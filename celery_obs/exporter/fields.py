@@ -26,11 +26,6 @@ def timestamp(value: object) -> float | None:
     return None
 
 
-def attempt(value: object) -> int | None:
-    """The `retries` field: a non-negative int, else None (not known)."""
-    return value if type(value) is int and value >= 0 else None
-
-
 def parse_eta(value: object) -> float | None:
     """ETA/countdown as a Unix timestamp; Celery sends ISO 8601 (naive means UTC)."""
     if not isinstance(value, str) or not value:

@@ -116,12 +116,6 @@ class TaskRecord:
     def seen(self, fingerprint: int) -> bool:
         return fingerprint in self.fingerprints
 
-    def remember(self, fingerprint: int) -> None:
-        prints = self.fingerprints
-        prints.append(fingerprint)
-        if len(prints) > MAX_FINGERPRINTS:
-            del prints[: MAX_FINGERPRINTS // 2]
-
     # -- sends --------------------------------------------------------------------------------
 
     def send_of(self, retries: int) -> Send | None:

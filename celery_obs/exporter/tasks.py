@@ -254,7 +254,7 @@ class TaskTable:
         retries = None
         if kind in _NUMBERED:
             retries = get("retries")
-            if type(retries) is not int or retries < 0:  # fields.attempt
+            if type(retries) is not int or retries < 0:  # not a known attempt (bools neither)
                 retries = None
         ts_field = get("timestamp")
         if type(ts_field) is float:
