@@ -23,13 +23,8 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from kombu import Connection
-from kombu.utils.url import parse_url
-
-from .transports import driver_of, driver_of_alias
 
 EVENT_EXCHANGE = "celeryev"
-#: The exchange of Celery's remote control (its default `control_exchange` plus ".pidbox").
-CONTROL_EXCHANGE = "celery.pidbox"
 _DEFAULT_PORT = 6379
 
 
@@ -52,21 +47,6 @@ class RedisSettings:
     @property
     def topics(self) -> list[str]:
         """The channel patterns kombu publishes Celery's events to, for any kombu version."""
-        routing = "/*" if self.options.get("fanout_patterns", True) else ""
-        return self.fanout_channels(EVENT_EXCHANGE, routing)
-
-    @property
-    def control_channels(self) -> list[str]:
-        """The channels a broadcast to the workers goes to (its routing key is empty, so
-        `fanout_patterns` adds nothing); with kombu < 5.4 on a sentinel, each worker listens
-        on one of two, and a message reaches a worker once either way."""
-        return self.fanout_channels(CONTROL_EXCHANGE, "")
-
-    def key(self, name: str) -> str:
-        """A key as kombu names it: with the `global_keyprefix` transport option in front."""
-        return f"{self.options.get('global_keyprefix', '') or ''}{name}"
-
-    def fanout_channels(self, exchange: str, routing: str) -> list[str]:
         options = self.options
         prefix = options.get("fanout_prefix", True)
         if prefix is True:
@@ -77,7 +57,9 @@ class RedisSettings:
             prefixes = [prefix.replace("{db}", str(self.db))]
         else:
             prefixes = [""]
-        return [self.key(f"{p}{exchange}{routing}") for p in dict.fromkeys(prefixes)]
+        routing = "/*" if options.get("fanout_patterns", True) else ""
+        keyprefix = str(options.get("global_keyprefix", "") or "")
+        return [f"{keyprefix}{p}{EVENT_EXCHANGE}{routing}" for p in dict.fromkeys(prefixes)]
 
 
 def _db(virtual_host: object) -> int:
@@ -87,68 +69,14 @@ def _db(virtual_host: object) -> int:
 
 def settings_for(connection: Connection) -> RedisSettings | None:
     """What to connect to, from kombu's public connection attributes; None if not Redis."""
-    if driver_of(connection) != "redis":
+    if connection.transport.driver_type != "redis":
         return None
+    options = dict(connection.transport_options or {})
     scheme = connection.transport_cls if isinstance(connection.transport_cls, str) else ""
-    return _settings(
-        scheme,
-        connection.hostname,
-        connection.port,
-        connection.userid,
-        connection.password,
-        connection.virtual_host,
-        connection.ssl,
-        connection.alt or [connection.as_uri(include_password=True)],
-        connection.transport_options,
-    )
-
-
-def settings_for_url(url: str, options: Mapping[str, Any]) -> RedisSettings | None:
-    """`settings_for(Connection(url, transport_options=options))`, without the Connection.
-
-    kombu's Connection imports the transport's module to parse a URL, and its Redis module
-    imports redis-py (~10 MB resident, which the exporter does not use on Redis). This splits
-    the URL as the Connection does (`;` between failover URLs, `redis+socket://`, kombu's own
-    `parse_url`); a test holds the two to the same result for every URL form.
-    """
-    alternates = url.split(";")
-    first = alternates[0]
-    scheme, found, _ = first.partition("://")
-    if not found:
-        return None
-    if "+" in scheme:  # redis+socket:///path: kombu keeps the socket URL as the hostname
-        alias, hostname = first.split("+", 1)
-        if driver_of_alias(alias) != "redis":
-            return None
-        return _settings(alias, hostname, None, None, None, None, None, alternates, options)
-    if driver_of_alias(scheme) != "redis":
-        return None
-    # A Connection from the URL's parts, not from the URL, never loads the transport; kombu
-    # still applies its own rules to them (rediss:// without ssl options, for one).
-    parts = parse_url(first)
-    del parts["transport"]
-    connection = Connection(
-        transport=scheme, transport_options=dict(options), alternates=alternates, **parts
-    )
-    return settings_for(connection)
-
-
-def _settings(
-    scheme: str,
-    hostname: str | None,
-    port: int | None,
-    userid: str | None,
-    password: str | None,
-    virtual_host: str | None,
-    ssl: object,
-    alternates: Iterable[str],
-    options: Mapping[str, Any] | None,
-) -> RedisSettings:
-    options = dict(options or {})
-    hostname = hostname or "127.0.0.1"
+    hostname = connection.hostname or "127.0.0.1"
     tls: Mapping[str, Any] | None = None
-    if ssl:
-        tls = ssl if isinstance(ssl, Mapping) else {}
+    if connection.ssl:
+        tls = connection.ssl if isinstance(connection.ssl, Mapping) else {}
     elif scheme == "rediss":
         tls = {}
     if "://" in hostname:  # redis+socket:///path?virtual_host=N puts the socket URL here
@@ -156,25 +84,25 @@ def _settings(
         query = dict(parse_qsl(parts.query))
         return RedisSettings(
             path=unquote(parts.path),
-            db=_db(query.get("virtual_host", virtual_host)),
-            username=parts.username or userid,
-            password=parts.password or password,
+            db=_db(query.get("virtual_host", connection.virtual_host)),
+            username=parts.username or connection.userid,
+            password=parts.password or connection.password,
             options=options,
         )
     sentinels: tuple[tuple[str, int], ...] = ()
     if scheme == "sentinel":
         found = []
-        for alt in alternates:
+        for alt in connection.alt or [connection.as_uri(include_password=True)]:
             url = urlsplit(alt)
             if url.scheme == "sentinel" and url.hostname:
                 found.append((url.hostname, url.port or 26379))
-        sentinels = tuple(found) or ((hostname, port or 26379),)
+        sentinels = tuple(found) or ((hostname, connection.port or 26379),)
     return RedisSettings(
         host=hostname,
-        port=port or _DEFAULT_PORT,
-        db=_db(virtual_host),
-        username=userid,
-        password=password,
+        port=connection.port or _DEFAULT_PORT,
+        db=_db(connection.virtual_host),
+        username=connection.userid,
+        password=connection.password,
         tls=tls,
         sentinels=sentinels,
         options=options,
@@ -200,8 +128,7 @@ def _tls_context(options: Mapping[str, Any]) -> ssl.SSLContext:
     return context
 
 
-def command(*parts: str | bytes) -> bytes:
-    """One command in Redis' wire protocol (RESP), to send alone or pipelined."""
+def _command(*parts: str | bytes) -> bytes:
     out = [b"*%d\r\n" % len(parts)]
     for part in parts:
         data = part.encode() if isinstance(part, str) else part
@@ -255,8 +182,8 @@ def connect(settings: RedisSettings, timeout: float = 10.0, connect_timeout: flo
     try:
         if settings.password or settings.username:
             credentials = [c for c in (settings.username, settings.password) if c]
-            _expect_ok(sock, command("AUTH", *credentials))
-        _expect_ok(sock, command("CLIENT", "SETNAME", "celery-obs-exporter"), lenient=True)
+            _expect_ok(sock, _command("AUTH", *credentials))
+        _expect_ok(sock, _command("CLIENT", "SETNAME", "celery-obs-exporter"), lenient=True)
     except BaseException:
         sock.close()
         raise
@@ -265,30 +192,18 @@ def connect(settings: RedisSettings, timeout: float = 10.0, connect_timeout: flo
 
 def subscribe(sock: Any, topics: Iterable[str]) -> None:
     """Send PSUBSCRIBE; Redis' confirmations (or refusal) are read by the event stream."""
-    sock.sendall(command("PSUBSCRIBE", *topics))
-
-
-def request(sock: Any, commands: list[bytes]) -> list[Any]:
-    """Send the commands pipelined; their replies in order (an error reply as an exception
-    instance, not raised: one failed command must not hide the others' replies)."""
-    import hiredis
-
-    sock.sendall(b"".join(commands))
-    reader = hiredis.Reader()
-    replies: list[Any] = []
-    while len(replies) < len(commands):
-        reply = reader.gets()
-        if reply is False:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("Redis closed the connection")
-            reader.feed(chunk)
-        else:
-            replies.append(reply)
-    return replies
+    sock.sendall(_command("PSUBSCRIBE", *topics))
 
 
 def _expect_ok(sock: Any, command: bytes, lenient: bool = False) -> None:
-    (reply,) = request(sock, [command])
+    import hiredis
+
+    sock.sendall(command)
+    reader = hiredis.Reader()
+    while (reply := reader.gets()) is False:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("Redis closed the connection")
+        reader.feed(chunk)
     if isinstance(reply, Exception) and not lenient:
         raise RedisRefused(f"Redis refused: {reply}")
