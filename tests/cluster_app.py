@@ -15,7 +15,9 @@ from celery.exceptions import Reject
 app = Celery("obs_test", broker=os.environ["OBS_TEST_BROKER"])
 app.conf.update(
     task_send_sent_event=True,
-    worker_send_task_events=True,
+    # -E's default: a worker started without -E (OBS_TEST_TASK_EVENTS=0) must really send no
+    # task events, or a test of `enable_events` could not fail.
+    worker_send_task_events=os.environ.get("OBS_TEST_TASK_EVENTS", "1") == "1",
     task_default_queue=os.environ.get("OBS_TEST_QUEUE", "obs_test"),
     task_ignore_result=True,
     broker_connection_retry_on_startup=True,

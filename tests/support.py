@@ -239,6 +239,7 @@ class WorkerProcess(Process):
             env={
                 "OBS_TEST_BROKER": broker_url,
                 "OBS_TEST_QUEUE": queue.split(",")[0],
+                "OBS_TEST_TASK_EVENTS": "1" if events else "0",
                 **(env or {}),
             },
             cwd=TESTS,

@@ -300,9 +300,25 @@ def test_garbage_on_the_event_exchange_is_counted_and_skipped(broker_url, start_
 def test_enable_events_makes_a_worker_without_dash_e_report(
     redis_url, queue, start_exporter, start_worker
 ):
-    exporter = start_exporter(redis_url, "--enable-events-interval", "1")
-    start_worker(redis_url, queue, events=False)
+    worker = start_worker(redis_url, queue, events=False)
     app = producer(redis_url, queue)
+    # First prove the worker sends no task events of its own: it ran a task (its heartbeat
+    # says so) and an exporter that does not broadcast saw none.
+    silent = start_exporter(redis_url, "--no-enable-events")
+    app.send_task("obs.add", (1, 1))
+    wait_for(
+        lambda: (
+            silent.scrape().value("celery_worker_tasks_processed_total", hostname=worker.hostname)
+            == 1
+        ),
+        30,
+        "the worker's heartbeat counting the task",
+    )
+    assert (
+        silent.scrape().value("celery_task_received_total", name="obs.add", queue_name=queue)
+        is None
+    )
+    exporter = start_exporter(redis_url, "--enable-events-interval", "1")
 
     def succeeded() -> float | None:
         app.send_task("obs.add", (1, 1))
