@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .config import ExporterConfig, add_exporter_arguments, config_from_args
+from .redis_link import BrokerUrlError
 from .secrets import Scrubber, ScrubFilter
 from .service import Exporter
 from .webconfig import WebConfigError
@@ -122,6 +123,8 @@ def start_exporter(config: ExporterConfig) -> Exporter:
         raise StartupError(f"invalid --web.config.file: {exc}") from None
     except OSError as exc:
         raise StartupError(f"cannot listen on {config.listen_address}: {exc}") from None
+    except BrokerUrlError as exc:  # its message never quotes the URL
+        raise StartupError(f"invalid broker URL {config.safe_broker_url}: {exc}") from None
     exporter.start()
     return exporter
 

@@ -5,7 +5,11 @@ settings, so a topic that differs from kombu's fails here."""
 
 from __future__ import annotations
 
+import base64
+import functools
 import json
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -13,8 +17,15 @@ import kombu
 import pytest
 import redis
 from celery import Celery
+from kombu import Connection
 
-from celery_obs.exporter.redis_link import RedisSettings
+from celery_obs.exporter.control import RedisBroadcaster
+from celery_obs.exporter.redis_link import (
+    BrokerUrlError,
+    RedisSettings,
+    settings_for,
+    settings_for_url,
+)
 
 from brokers import RedisServer
 from support import wait_for
@@ -138,3 +149,111 @@ def test_the_topics_are_kombus_for_every_option() -> None:
         "/1.celeryev/*",
         "/{db}.celeryev/*",
     ]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6390/3",
+        "redis://:secret@h/1",
+        "redis://user%40corp:p%3Aw@h:7000/5",
+        "rediss://h:6380/2",  # no ssl options: kombu's own default applies
+        "rediss://u:p@h/0?ssl_cert_reqs=required&ssl_ca_certs=/ca.pem",
+        "rediss://h/0?ssl_cert_reqs=none",
+        "redis+socket:///run/redis.sock?virtual_host=4",
+        "sentinel://s1:26379;sentinel://s2:26380",
+        "sentinel://:pw@s1/2",
+        "redis://a:6379/1;redis://b:6379/1",
+        "redis://a/1;redis://:pw@b:7000/2",  # each URL of the list with its own db and password
+        "REDIS://127.0.0.1:6390/3",  # kombu lower-cases the scheme
+        "redis://h/2?foo=bar",  # a query key kombu does not know
+        "amqp://guest:guest@h//",
+        "memory://",
+    ],
+)
+def test_settings_from_the_url_alone_are_kombus(url: str) -> None:
+    # The exporter reads a Redis URL without building a kombu Connection (which would import
+    # redis-py); whatever kombu version runs, both readings must agree.
+    options = {"master_name": "mymaster", "global_keyprefix": "g:"}
+    try:
+        theirs = settings_for(Connection(url, transport_options=options))
+    except TypeError:  # kombu refuses the URL: so must we, clearly
+        with pytest.raises(BrokerUrlError, match="kombu knows no URL option foo"):
+            settings_for_url(url, options)
+        return
+    assert settings_for_url(url, options) == theirs
+
+
+def test_the_exporter_on_redis_never_loads_redis_py(redis_url: str) -> None:
+    # Its events, queue lengths and broadcasts all go over its own links: kombu's Redis
+    # transport, and redis-py with it (~10 MB resident), stay unloaded.
+    client = redis.Redis.from_url(redis_url)
+    client.rpush("obs_waiting", "m1", "m2")
+    script = f"""
+import sys, time
+from celery_obs.exporter.config import ExporterConfig
+from celery_obs.exporter.service import Exporter
+exporter = Exporter(ExporterConfig(broker_url={redis_url!r}, queues=("obs_waiting",),
+                                   listen_address="127.0.0.1:0"))
+exporter.start()
+deadline = time.monotonic() + 20
+while not exporter.status.connected and time.monotonic() < deadline:
+    time.sleep(0.05)
+exporter.probe.probe_once()
+print(exporter.status.connected, exporter.queue_lengths.snapshot())
+exporter.control.broadcast_once()
+print(sorted(m for m in sys.modules if m.partition(".")[0] == "redis"))
+print("kombu.transport.redis" in sys.modules)
+"""
+    settings = settings_for_url(redis_url, {})
+    assert settings is not None
+    listener = redis.Redis.from_url(redis_url).pubsub()
+    listener.subscribe(*settings.control_channels)
+    wait_for(lambda: listener.get_message(timeout=0.1), 10, "the subscription")
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+        ).stdout.splitlines()
+        assert out == ["True ({'obs_waiting': 2}, 0)", "[]", "False"]
+        heard = [wait_for(lambda: listener.get_message(timeout=0.1), 10) for _ in range(2)]
+    finally:
+        listener.close()
+    methods = [json.loads(base64.b64decode(json.loads(m["data"])["body"]))["method"] for m in heard]
+    assert methods == ["heartbeat", "enable_events"]
+
+
+def test_a_broadcast_is_kombus_own() -> None:
+    # What Celery's app.control.broadcast publishes, and what the exporter publishes, on each
+    # cluster configuration: the same channel and the same envelope, but for per-message ids.
+    server = RedisServer()
+    try:
+        for options in (
+            {},
+            {"global_keyprefix": "tenant-a:"},
+            {"fanout_prefix": "custom."},
+            {"fanout_prefix": False},
+            {"fanout_patterns": False},
+        ):
+            url = server.url(3)
+            listener = redis.Redis.from_url(url).pubsub()
+            listener.psubscribe("*")
+            heard = functools.partial(listener.get_message, timeout=0.1)
+            wait_for(heard, 10, "the subscription")
+            app = Celery(broker=url, set_as_current=False)
+            app.conf.broker_transport_options = options
+            app.control.broadcast("enable_events")
+            app.close()
+            settings = settings_for_url(url, options)
+            assert settings is not None
+            RedisBroadcaster(settings, clock=lambda: 1000.0).broadcast(["enable_events"])
+            theirs, ours = (wait_for(heard, 10, "a broadcast") for _ in range(2))
+            listener.close()
+            assert ours["channel"] == theirs["channel"], options
+            their_envelope, our_envelope = (json.loads(m["data"]) for m in (theirs, ours))
+            assert our_envelope["headers"] == {"clock": 1, "expires": 1001.0}
+            assert their_envelope["headers"].keys() == our_envelope["headers"].keys()
+            for envelope in (their_envelope, our_envelope):
+                del envelope["headers"], envelope["properties"]["delivery_tag"]
+            assert our_envelope == their_envelope, options
+    finally:
+        server.close()
