@@ -33,8 +33,10 @@ from ..retry import Backoff
 from . import amqp_stream, redis_stream
 from .config import EventQueueOptions
 from .events import Event, EventDecoder, MalformedMessage
+from .redis_link import RedisSettings
 from .redis_stream import BacklogStats
 from .tracker import Tracker
+from .transports import driver_of
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +102,11 @@ class EventConsumer:
         backoff_cap: float = 5.0,
         poll_timeout: float = 1.0,
         scrub: Callable[[str], str] = str,
+        redis: RedisSettings | None = None,
     ) -> None:
         self._connect = connect
+        #: On Redis, events are read over a socket of our own and `connect` is never called.
+        self._redis = redis
         self._tracker = tracker
         self._lock = lock
         self.status = status
@@ -181,7 +186,7 @@ class EventConsumer:
 
     def _event_queue(self, connection: Connection) -> Queue:
         options = self._queue_options
-        amqp = connection.transport.driver_type == "amqp"
+        amqp = driver_of(connection) == "amqp"
         arguments: dict[str, Any] = {}
         if amqp:
             arguments = {
@@ -220,6 +225,12 @@ class EventConsumer:
     def _session(self) -> None:
         """One connection, from connecting to its end. Every broker failure is survivable:
         it is reported here and never escapes."""
+        if self._redis is not None:
+            try:
+                self._consume_redis(self._redis)
+            except Exception as exc:
+                self._disconnected(exc)
+            return
         try:
             with self._connect() as connection:  # kombu: settings only until used
                 try:
@@ -233,14 +244,14 @@ class EventConsumer:
         except Exception as exc:
             self._disconnected(exc)
 
-    def _consume(self, connection: Connection) -> None:
+    def _consume_redis(self, settings: RedisSettings) -> None:
         stream = redis_stream.open_stream(
-            connection, self.status.backlog, self._queue_options.max_backlog_bytes
+            settings, self.status.backlog, self._queue_options.max_backlog_bytes
         )
-        if stream is not None:
-            self.status.reader = "redis-socket"
-            stream.run(self.on_payloads, self._stopping, self._tick, on_subscribed=self._connected)
-            return
+        self.status.reader = "redis-socket"
+        stream.run(self.on_payloads, self._stopping, self._tick, on_subscribed=self._connected)
+
+    def _consume(self, connection: Connection) -> None:
         connection.ensure_connection(max_retries=1)
         queue = self._event_queue(connection)
         channel = self._declare(connection, queue)
@@ -250,7 +261,7 @@ class EventConsumer:
         # delivery tag we ack by, so there they are taken unacknowledged, as Celery's own
         # Receiver takes them: held for an ack that never comes, they stalled the consumer
         # once `prefetch` of them were in flight.
-        acks = connection.transport.driver_type == "amqp"
+        acks = driver_of(connection) == "amqp"
         channel.basic_qos(0, self._queue_options.prefetch, False)
         consumer = Consumer(
             channel, queues=[queue], on_message=self.on_message, no_ack=not acks, auto_declare=False

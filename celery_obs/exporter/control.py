@@ -4,17 +4,101 @@ Workers started without `-E` send no task events; like Flower, the exporter peri
 broadcasts `enable_events` so such clusters still report. After each (re)connect it also
 broadcasts `heartbeat` so every worker announces itself at once instead of within its next
 heartbeat interval (celery's own `Receiver.wakeup_workers` does the same).
+
+On Redis the broadcast is published over the exporter's own link, as kombu publishes it (the
+same envelope on the same channel, which a test compares with kombu's): through Celery's app it
+would load kombu's Redis transport and redis-py (~10 MB) for two messages a minute.
 """
 
 from __future__ import annotations
 
+import base64
+import itertools
+import json
 import logging
 import threading
+import time
+import uuid
+from collections.abc import Callable
 from typing import Any
 
-from celery import Celery
+from . import redis_link
+from .redis_link import RedisSettings
 
 log = logging.getLogger(__name__)
+
+#: How long a broadcast stays valid, as Celery's `control.broadcast` sets it (its `timeout`).
+BROADCAST_TTL = 1.0
+
+
+def pidbox_message(command: str, clock: int, now: float) -> bytes:
+    """A broadcast of `command` to every worker, in the envelope kombu's Redis transport
+    publishes (kombu.pidbox.Mailbox._publish through a virtual channel)."""
+    body: dict[str, object] = {
+        "method": command,
+        "arguments": {},
+        "destination": None,
+        "pattern": None,
+        "matcher": None,
+    }
+    envelope = {
+        "body": base64.b64encode(json.dumps(body).encode()).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"clock": clock, "expires": now + BROADCAST_TTL},
+        "properties": {
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": redis_link.CONTROL_EXCHANGE, "routing_key": ""},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    return json.dumps(envelope).encode()
+
+
+class RedisBroadcaster:
+    """Publishes broadcasts on a link opened for each round (one or two messages a minute)."""
+
+    def __init__(self, settings: RedisSettings, clock: Callable[[], float] = time.time) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._lamport = itertools.count(1)  # kombu's pidbox clock: workers only move theirs on
+
+    def broadcast(self, commands: list[str]) -> None:
+        sock, reached = redis_link.connect_any(self._settings, timeout=5.0)
+        try:
+            publish = []
+            for command in commands:
+                message = pidbox_message(command, next(self._lamport), self._clock())
+                for channel in reached.control_channels:
+                    publish.append(redis_link.command("PUBLISH", channel, message))
+            for reply in redis_link.request(sock, publish):
+                if isinstance(reply, Exception):
+                    raise redis_link.RedisRefused(f"Redis refused PUBLISH: {reply}")
+        finally:
+            sock.close()
+
+    def close(self) -> None:
+        """Nothing stays open between rounds."""
+
+
+class CeleryBroadcaster:
+    """Broadcasts through a Celery app of its own (RabbitMQ and kombu's other transports)."""
+
+    def __init__(self, broker_url: str, transport_options: dict[str, Any]) -> None:
+        from celery import Celery
+
+        self._app = Celery("celery-obs", broker=broker_url, set_as_current=False)
+        self._app.conf.broker_transport_options = transport_options
+        self._app.conf.broker_connection_retry_on_startup = False
+
+    def broadcast(self, commands: list[str]) -> None:
+        for command in commands:
+            self._app.control.broadcast(command)
+
+    def close(self) -> None:
+        self._app.close()
 
 
 class WorkerControl:
@@ -24,10 +108,13 @@ class WorkerControl:
         transport_options: dict[str, Any],
         enable_events: bool,
         interval: float,
+        redis: RedisSettings | None = None,
     ) -> None:
-        self._app = Celery("celery-obs", broker=broker_url, set_as_current=False)
-        self._app.conf.broker_transport_options = transport_options
-        self._app.conf.broker_connection_retry_on_startup = False
+        self._broadcaster: RedisBroadcaster | CeleryBroadcaster = (
+            RedisBroadcaster(redis)
+            if redis is not None
+            else CeleryBroadcaster(broker_url, transport_options)
+        )
         self._enable_events = enable_events
         self._interval = interval
         self._wake = threading.Event()
@@ -48,14 +135,15 @@ class WorkerControl:
 
     def broadcast_once(self) -> None:
         commands = ["heartbeat"] + (["enable_events"] if self._enable_events else [])
-        for command in commands:
-            try:
-                self._app.control.broadcast(command)
-            except Exception as exc:  # a broker hiccup here must not stop the exporter
-                log.warning(
-                    "broadcast %r to workers failed: %s: %s", command, type(exc).__name__, exc
-                )
-                return
+        try:
+            self._broadcaster.broadcast(commands)
+        except Exception as exc:  # a broker hiccup here must not stop the exporter
+            log.warning(
+                "broadcast %s to workers failed: %s: %s",
+                " and ".join(commands),
+                type(exc).__name__,
+                exc,
+            )
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -64,4 +152,4 @@ class WorkerControl:
                 break
             self._wake.clear()
             self.broadcast_once()
-        self._app.close()
+        self._broadcaster.close()

@@ -7,9 +7,11 @@ one after each miss. On Redis a queue is a list plus one sub-list per priority s
 with, which need not be the cluster's (a cluster with 10 steps showed 4 of 10 messages), so the
 probe reads every sub-list a cluster can have: kombu clamps priorities to 0-9, so whatever
 `priority_steps` the producers use, their sub-lists are among these ten. The key separator and
-`global_keyprefix` come from the transport options, as kombu applies them. A queue that does not
-exist (on Redis: an empty one, since Redis deletes empty lists) has length 0; a key that is not a
-list fails that queue's probe alone.
+`global_keyprefix` come from the transport options, as kombu applies them; the probe reads them
+over the exporter's own Redis link (one pipelined LLEN per list), not through kombu's transport,
+which would load redis-py for this alone. A queue that does not exist (on Redis: an empty one,
+since Redis deletes empty lists) has length 0; a key that is not a list fails that queue's probe
+alone.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from kombu import Connection
 from kombu.exceptions import ChannelError
+
+from . import redis_link
+from .redis_link import RedisSettings
 
 log = logging.getLogger(__name__)
 
@@ -63,33 +68,98 @@ SUSPEND_FOR = 3600.0
 Probed = tuple[dict[str, int], dict[str, str]]
 
 
-def probe_lengths(connection: Connection, queues: Iterable[str]) -> Probed:
-    """Each queue's message count over one connection; each queue fails alone."""
-    if connection.transport.driver_type == "redis":
-        return redis_lengths(connection.default_channel, sorted(queues))
-    return declared_lengths(connection, sorted(queues))
+class LengthReader(Protocol):
+    """One open link to the broker that reads queue lengths until closed."""
+
+    def lengths(self, queues: list[str]) -> Probed: ...
+
+    def close(self) -> None: ...
 
 
-def redis_lengths(channel: Any, queues: list[str]) -> Probed:
-    """Sum each queue's list and priority sub-lists, in one pipelined round trip."""
-    sep = channel.sep
-    names = [[queue, *(f"{queue}{sep}{p}" for p in _REDIS_PRIORITIES)] for queue in queues]
-    with channel.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
-        for keys in names:  # the client adds global_keyprefix to LLEN's key
-            for key in keys:
-                pipe.llen(key)
-        replies = pipe.execute(raise_on_error=False)
-    lengths: dict[str, int] = {}
-    failures: dict[str, str] = {}
-    per_queue = len(_REDIS_PRIORITIES) + 1
-    for i, queue in enumerate(queues):
-        sizes = replies[i * per_queue : (i + 1) * per_queue]
-        errors = [size for size in sizes if not isinstance(size, int)]
-        if errors:  # e.g. WRONGTYPE: a key of that name that is not a list
-            failures[queue] = f"{type(errors[0]).__name__}: {errors[0]}"
-        else:
-            lengths[queue] = sum(sizes)
-    return lengths, failures
+#: kombu's key separator between a Redis queue's name and its priority step.
+_REDIS_SEP = "\x06\x16"
+#: LLENs per queue: its list and one per priority step.
+_PER_QUEUE = len(_REDIS_PRIORITIES) + 1
+
+
+class RedisLengthReader:
+    """Each queue's list and priority sub-lists summed, in one pipelined round trip."""
+
+    def __init__(self, settings: RedisSettings, timeout: float = 10.0) -> None:
+        self._settings = settings
+        self._timeout = timeout
+        self._sock = self._open()
+
+    def _open(self) -> Any:
+        return redis_link.connect(self._settings, timeout=self._timeout, select=True)
+
+    def lengths(self, queues: list[str]) -> Probed:
+        try:
+            return self._lengths(queues)
+        except ConnectionError:
+            # The server closed an idle link (its `timeout`, a proxy's idle cut) or restarted:
+            # LLEN only reads, so one retry on a fresh link is safe and spares a failed probe.
+            self._sock.close()
+            self._sock = self._open()
+            return self._lengths(queues)
+
+    def _lengths(self, queues: list[str]) -> Probed:
+        sep = str(self._settings.options.get("sep") or _REDIS_SEP)
+        key = self._settings.key
+        lengths: dict[str, int] = {}
+        failures: dict[str, str] = {}
+        asked: list[str] = []
+        commands: list[bytes] = []
+        for queue in queues:
+            names = [queue, *(f"{queue}{sep}{p}" for p in _REDIS_PRIORITIES)]
+            try:
+                commands.extend(redis_link.command("LLEN", key(name)) for name in names)
+            except UnicodeEncodeError:  # a lone surrogate: no Redis key can be named so
+                failures[queue] = "not a valid Redis key (not encodable as UTF-8)"
+                del commands[len(asked) * _PER_QUEUE :]
+                continue
+            asked.append(queue)
+        replies = redis_link.request(self._sock, commands) if commands else []
+        for i, queue in enumerate(asked):
+            sizes = replies[i * _PER_QUEUE : (i + 1) * _PER_QUEUE]
+            errors = [size for size in sizes if not isinstance(size, int)]
+            if errors:  # e.g. WRONGTYPE: a key of that name that is not a list
+                failures[queue] = f"{type(errors[0]).__name__}: {errors[0]}"
+            else:
+                lengths[queue] = sum(sizes)
+        return lengths, failures
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class DeclaredLengthReader:
+    """Passive declares over a kombu connection (RabbitMQ and kombu's other transports)."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        try:
+            connection.ensure_connection(max_retries=1)
+        except BaseException:
+            self.close()
+            raise
+
+    def lengths(self, queues: list[str]) -> Probed:
+        return declared_lengths(self._connection, queues)
+
+    def close(self) -> None:
+        # After a failure the connection is already broken: nothing left to release.
+        with contextlib.suppress(Exception):
+            self._connection.release()
+
+
+def length_reader(
+    connect: Callable[[], Connection], redis: RedisSettings | None
+) -> Callable[[], LengthReader]:
+    """How the probe opens its link: its own socket on Redis, a kombu connection otherwise."""
+    if redis is not None:
+        return lambda: RedisLengthReader(redis)
+    return lambda: DeclaredLengthReader(connect())
 
 
 def declared_lengths(connection: Connection, queues: list[str]) -> Probed:
@@ -128,20 +198,20 @@ class QueueProbe:
 
     def __init__(
         self,
-        connect: Callable[[], Connection],
+        open_reader: Callable[[], LengthReader],
         queue_names: Callable[[], set[str]],
         cache: QueueLengths,
         interval: float,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._connect = connect
+        self._open_reader = open_reader
         self._queue_names = queue_names
         self._cache = cache
         self._interval = interval
         self._monotonic = monotonic
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="queue-probe", daemon=True)
-        self._connection: Connection | None = None
+        self._reader: LengthReader | None = None
         self._failures: dict[str, int] = {}  # name -> failed probes in a row
         self._suspended: dict[str, float] = {}  # name -> monotonic time it may be probed again
 
@@ -153,7 +223,7 @@ class QueueProbe:
         if self._thread.is_alive():
             self._thread.join(timeout)
         else:  # never started (probed by hand): just let go of the connection
-            self._drop_connection()
+            self._drop_reader()
 
     def probe_once(self) -> None:
         now = self._monotonic()
@@ -164,14 +234,13 @@ class QueueProbe:
         if not names:
             return
         try:
-            if self._connection is None:
-                self._connection = self._connect()
-                self._connection.ensure_connection(max_retries=1)
-            lengths, failures = probe_lengths(self._connection, names)
+            if self._reader is None:
+                self._reader = self._open_reader()
+            lengths, failures = self._reader.lengths(sorted(names))
         except Exception as exc:  # any broker failure: keep the last lengths, count, retry later
             self._cache.count_error()
             log.warning("queue length probe failed: %s: %s", type(exc).__name__, exc)
-            self._drop_connection()
+            self._drop_reader()
             return
         self._cache.update(lengths)
         for name in lengths:
@@ -192,15 +261,14 @@ class QueueProbe:
                     SUSPEND_FOR,
                 )
 
-    def _drop_connection(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            # The connection is already broken: nothing left to release.
+    def _drop_reader(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
             with contextlib.suppress(Exception):
-                connection.release()
+                reader.close()
 
     def _run(self) -> None:
         while not self._stopping.is_set():
             self.probe_once()
             self._stopping.wait(self._interval)
-        self._drop_connection()
+        self._drop_reader()

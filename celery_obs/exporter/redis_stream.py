@@ -24,8 +24,6 @@ import threading
 import time
 from collections.abc import Callable
 
-from kombu import Connection
-
 from . import redis_link
 
 log = logging.getLogger(__name__)
@@ -189,15 +187,15 @@ class RedisEventStream:
 
 
 def open_stream(
-    connection: Connection, stats: BacklogStats, max_backlog_bytes: int, timeout: float = 10.0
-) -> RedisEventStream | None:
-    """Connect and subscribe to the event channel ourselves; None if the broker is not Redis."""
-    settings = redis_link.settings_for(connection)
-    if settings is None or not HAVE_HIREDIS:
-        return None
-    sock = redis_link.connect(settings, timeout=timeout)
+    settings: redis_link.RedisSettings,
+    stats: BacklogStats,
+    max_backlog_bytes: int,
+    timeout: float = 10.0,
+) -> RedisEventStream:
+    """Connect and subscribe to the event channel ourselves."""
+    sock, reached = redis_link.connect_any(settings, timeout=timeout)
     try:
-        redis_link.subscribe(sock, settings.topics)
+        redis_link.subscribe(sock, reached.topics)
     except BaseException:
         sock.close()
         raise

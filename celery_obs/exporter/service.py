@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from kombu import Connection
 
+from . import redis_link
 from .collector import CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE, Exposition
 from .config import ExporterConfig, parse_listen_address
 from .consumer import BrokerStatus, EventConsumer, default_queue_name
@@ -22,8 +23,10 @@ from .control import WorkerControl
 from .http import MetricsServer
 from .httpwire import OPENMETRICS, PROTOBUF
 from .protobuf import CONTENT_TYPE as PROTOBUF_CONTENT_TYPE
-from .queues import QueueLengths, QueueProbe
+from .queues import QueueLengths, QueueProbe, length_reader
+from .redis_stream import HAVE_HIREDIS
 from .tracker import Tracker
+from .transports import driver_of
 from .webconfig import load_web_config
 
 log = logging.getLogger(__name__)
@@ -56,12 +59,17 @@ class Exporter:
         self.tracker = Tracker(config.limits, clock=clock)
         self.status = BrokerStatus(broker=config.safe_broker_url)
         scrub = config.scrubber()
+        # On Redis every link is the exporter's own (events, queue lengths, broadcasts): no
+        # kombu Connection is built, which would load kombu's Redis transport and redis-py.
+        # (Raises BrokerUrlError for a Redis URL kombu would refuse too.)
+        redis = redis_link.settings_for_url(config.broker_url, config.transport_options)
         self.queue_lengths = QueueLengths()
         self.control = WorkerControl(
             config.broker_url,
             dict(config.transport_options),
             enable_events=config.enable_events,
             interval=config.enable_events_interval,
+            redis=redis,
         )
         queue_options = config.event_queue
         if not queue_options.name:  # one queue per exporter instance: host and port
@@ -75,9 +83,12 @@ class Exporter:
             queue_options=queue_options,
             scrub=scrub,
             on_connected=self.control.poke,
+            # The event stream splits frames with hiredis (a dependency); an install without
+            # it reads events through kombu, slower but the same events.
+            redis=redis if HAVE_HIREDIS else None,
         )
         self.probe = QueueProbe(
-            self.connect_without_heartbeat,
+            length_reader(self.connect_without_heartbeat, redis),
             self._queue_names,
             self.queue_lengths,
             config.queue_poll_interval,
@@ -98,7 +109,7 @@ class Exporter:
 
     def connect(self, heartbeat: int = 10) -> Connection:
         url = self.config.broker_url
-        driver = Connection(url).transport.driver_type  # no I/O: just which transport
+        driver = driver_of(Connection(url))  # no I/O: just which transport
         # Time out a broker that accepts the connection but never answers, instead of hanging.
         options = dict(_IO_TIMEOUTS.get(driver, {}))
         options.update(self.config.transport_options)

@@ -12,8 +12,10 @@ from celery_obs.exporter.queues import (
     SUSPEND_FOR,
     QueueLengths,
     QueueProbe,
-    probe_lengths,
+    declared_lengths,
+    length_reader,
 )
+from celery_obs.exporter.redis_link import settings_for_url
 
 from test_tracker import Clock
 
@@ -27,7 +29,8 @@ def test_redis_a_key_that_is_not_a_list_fails_alone_then_is_suspended(redis_url:
     client.rpush("real\x06\x167", "m3")  # a priority sub-list (step 7)
     cache, clock = QueueLengths(), Clock()
     names = {"real", "not_a_queue", "absent"}
-    probe = QueueProbe(lambda: Connection(redis_url), lambda: names, cache, 1.0, monotonic=clock)
+    reader = length_reader(lambda: Connection(redis_url), settings_for_url(redis_url, {}))
+    probe = QueueProbe(reader, lambda: names, cache, 1.0, monotonic=clock)
     try:
         for attempt in range(1, FAILURES_BEFORE_SUSPEND + 1):
             probe.probe_once()
@@ -52,8 +55,8 @@ def test_amqp_names_that_are_no_queue_fail_alone(amqp_url: str, queue: str) -> N
         channel.queue_declare(queue=queue, auto_delete=True)
         channel.basic_publish(channel.prepare_message(b"m"), exchange="", routing_key=queue)
         too_long = "q" * 300
-        lengths, failures = probe_lengths(
-            connection, [queue, too_long, "amq.reserved", "obs_missing"]
+        lengths, failures = declared_lengths(
+            connection, sorted([queue, too_long, "amq.reserved", "obs_missing"])
         )
         assert lengths == {queue: 1, "obs_missing": 0, "amq.reserved": 0}
         assert list(failures) == [too_long]

@@ -1,0 +1,198 @@
+"""The exporter's own Redis links (queue lengths, broadcasts) against private redis-servers:
+failover lists, ACL users, a server that drops its clients, URLs kombu refuses, and the reply
+reader itself."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection
+from test_redis_link import publish_heartbeat
+
+from celery_obs.exporter.control import RedisBroadcaster
+from celery_obs.exporter.queues import RedisLengthReader
+from celery_obs.exporter.redis_link import (
+    BrokerUrlError,
+    ReplyError,
+    _Replies,
+    settings_for_url,
+)
+
+from brokers import RedisServer
+from support import free_port, run_exporter_cli, wait_for
+
+SECRET = "Hunter2"
+
+
+@pytest.fixture
+def server():
+    server = RedisServer()
+    yield server
+    server.close()
+
+
+def settings(url: str):
+    found = settings_for_url(url, {})
+    assert found is not None
+    return found
+
+
+def subscriber(url: str, channels: list[str]) -> Any:
+    listener = redis.Redis.from_url(url).pubsub()
+    listener.subscribe(*channels)
+    wait_for(lambda: listener.get_message(timeout=0.1), 10, "the subscription")
+    return listener
+
+
+def heard_methods(listener: Any, count: int) -> list[str]:
+    methods = []
+    for _ in range(count):
+        message = wait_for(lambda: listener.get_message(timeout=0.1), 10, "a broadcast")
+        body = json.loads(base64.b64decode(json.loads(message["data"])["body"]))
+        methods.append(body["method"])
+    return methods
+
+
+def test_the_probe_survives_the_server_dropping_its_clients(server: RedisServer) -> None:
+    # A server's `timeout`, a proxy's idle cut or an admin's CLIENT KILL closes the probe's
+    # idle link: the next probe reconnects at once instead of failing one round.
+    admin = redis.Redis.from_url(server.url(2))
+    admin.rpush("jobs", "a", "b", "c")
+    reader = RedisLengthReader(settings(server.url(2)))
+    try:
+        assert reader.lengths(["jobs"]) == ({"jobs": 3}, {})
+        killed = admin.client_kill_filter(_type="normal")  # every client but this one
+        assert killed >= 1
+        admin.rpush("jobs", "d")
+        assert reader.lengths(["jobs"]) == ({"jobs": 4}, {})
+    finally:
+        reader.close()
+
+
+def test_a_failover_list_reaches_the_server_that_answers(server: RedisServer) -> None:
+    # kombu tries `redis://a;redis://b` in order; so do the probe and the broadcasts, each URL
+    # with its own database.
+    closed = free_port()
+    url = f"redis://127.0.0.1:{closed}/0;{server.url(5)}"
+    admin = redis.Redis.from_url(server.url(5))
+    admin.rpush("jobs", "a", "b")
+    admin.rpush("jobs\x06\x169", "urgent")  # a priority sub-list counts too
+    reader = RedisLengthReader(settings(url))
+    try:
+        assert reader.lengths(["jobs", "idle"]) == ({"jobs": 3, "idle": 0}, {})
+    finally:
+        reader.close()
+    ours = settings(url)
+    listener = subscriber(server.url(5), ours.fallbacks[0].control_channels)
+    try:
+        RedisBroadcaster(ours).broadcast(["heartbeat", "enable_events"])
+        assert heard_methods(listener, 2) == ["heartbeat", "enable_events"]
+    finally:
+        listener.close()
+
+
+def test_events_over_a_failover_list(server: RedisServer, start_exporter) -> None:
+    # The event channel is named after the database of the server reached (`/5.celeryev`),
+    # not the first URL's.
+    url = f"redis://127.0.0.1:{free_port()}/0;{server.url(5)}"
+    exporter = start_exporter(url, "--no-enable-events")
+    hostname = f"w-{uuid.uuid4().hex[:6]}@failover"
+
+    def heard() -> bool:
+        publish_heartbeat(server.url(5), {}, hostname)
+        return exporter.scrape().value("celery_worker_up", hostname=hostname) == 1
+
+    wait_for(heard, 30, "a heartbeat on the second server of the list")
+
+
+def test_an_acl_user_without_a_password(server: RedisServer) -> None:
+    # `redis://probe@host`: redis-py sends AUTH probe "" for a `nopass` user; so do we.
+    admin = redis.Redis.from_url(server.url())
+    admin.execute_command("ACL", "SETUSER", "probe", "on", "nopass", "~*", "&*", "+@all")
+    admin.execute_command("ACL", "SETUSER", "default", "off")
+    url = f"redis://probe@127.0.0.1:{server.port}/1"
+    redis.Redis.from_url(url).rpush("jobs", "a")
+    reader = RedisLengthReader(settings(url))
+    try:
+        assert reader.lengths(["jobs"]) == ({"jobs": 1}, {})
+    finally:
+        reader.close()
+
+
+def test_a_wrong_password_is_refused_without_showing_it(server: RedisServer) -> None:
+    admin = redis.Redis.from_url(server.url())
+    admin.execute_command("ACL", "SETUSER", "probe", "on", ">right", "~*", "+@all")
+    with pytest.raises(ConnectionError) as caught:
+        RedisLengthReader(settings(f"redis://probe:{SECRET}@127.0.0.1:{server.port}/0"))
+    assert "Redis refused AUTH" in str(caught.value)
+    assert SECRET not in str(caught.value)
+
+
+def test_a_queue_name_redis_cannot_hold_fails_alone(server: RedisServer) -> None:
+    redis.Redis.from_url(server.url()).rpush("jobs", "a")
+    reader = RedisLengthReader(settings(server.url()))
+    try:
+        lengths, failures = reader.lengths(["bad\udcff", "jobs"])
+    finally:
+        reader.close()
+    assert lengths == {"jobs": 1}
+    assert list(failures) == ["bad\udcff"]
+    assert "not a valid Redis key" in failures["bad\udcff"]
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        (f"redis://:{SECRET};x@127.0.0.1:1/0", "write one in a password as %3B"),
+        (f"redis://:{SECRET}@127.0.0.1:1/abc", "the database (the URL's path) must be a number"),
+        (f"redis://:{SECRET}@127.0.0.1:1/0?virtual_host=7", "sets virtual_host twice"),
+    ],
+)
+def test_a_url_kombu_refuses_is_a_clear_error_without_the_password(url: str, why: str) -> None:
+    with pytest.raises((TypeError, ValueError)):  # the reference: kombu refuses it too
+        Connection(url).default_channel  # noqa: B018 - before it connects (nothing listens)
+    with pytest.raises(BrokerUrlError) as caught:
+        settings_for_url(url, {})
+    assert why in str(caught.value)
+    assert SECRET not in str(caught.value)
+    result = run_exporter_cli("--broker-url", url, "--web.listen-address", "127.0.0.1:0")
+    assert result.returncode == 2
+    assert "celery-obs: invalid broker URL redis://:**" in result.stderr
+    assert why in result.stderr
+    assert SECRET not in result.stderr + result.stdout
+
+
+class Chunks:
+    """A socket that hands out the given bytes a few at a time, as TCP may."""
+
+    def __init__(self, data: bytes, size: int) -> None:
+        self._chunks = [data[i : i + size] for i in range(0, len(data), size)]
+
+    def recv(self, _limit: int) -> bytes:
+        return self._chunks.pop(0) if self._chunks else b""
+
+
+@pytest.mark.parametrize("size", [1, 3, 1000])
+def test_the_reply_reader_reads_every_resp2_type_however_split(size: int) -> None:
+    data = (
+        b":42\r\n+OK\r\n-WRONGTYPE not a list\r\n$5\r\nhe\r\no\r\n$-1\r\n*-1\r\n*0\r\n"
+        b"*2\r\n*2\r\n:1\r\n$0\r\n\r\n$1\r\nx\r\n"
+    )
+    replies = _Replies(Chunks(data, size))
+    got = [replies.read() for _ in range(8)]
+    assert got[:2] == [42, b"OK"]
+    assert isinstance(got[2], ReplyError)
+    assert str(got[2]) == "WRONGTYPE not a list"
+    assert got[3:] == [b"he\r\no", None, None, [], [[1, b""], b"x"]]
+    with pytest.raises(ConnectionError, match="closed the connection"):
+        replies.read()
+
+
+def test_the_reply_reader_refuses_what_is_not_redis() -> None:
+    with pytest.raises(ConnectionError, match="not a Redis reply"):
+        _Replies(Chunks(b"HTTP/1.1 400 Bad Request\r\n", 100)).read()
