@@ -358,6 +358,7 @@ class Exposition:
         lengths, errors = self.queue_lengths.snapshot()
         self._series(out, m.QUEUE_LENGTH, {(q,): n for q, n in sorted(lengths.items())})
         self._single(out, m.EXPORTER_QUEUE_PROBE_ERRORS, errors)
+        self._single(out, m.EXPORTER_BROADCAST_ERRORS, self.status.broadcast_errors)
 
 
 class CeleryCollector:

@@ -59,6 +59,8 @@ class BrokerStatus:
     backlog: BacklogStats = field(default_factory=BacklogStats)
     #: How events are read: redis-socket / amqp-socket (the fast paths) or kombu.
     reader: str = ""
+    #: Broadcast rounds to the workers (heartbeat, enable_events) that failed.
+    broadcast_errors: int = 0
 
     def liveness(self, now: float | None = None, stall_after: float = 60.0) -> tuple[bool, str]:
         """/livez: is the consumer loop turning? It keeps turning through a broker outage

@@ -23,6 +23,8 @@ from collections.abc import Callable
 from typing import Any
 
 from . import redis_link
+from .consumer import BrokerStatus
+from .outages import OutageLog
 from .redis_link import RedisSettings
 
 log = logging.getLogger(__name__)
@@ -109,7 +111,11 @@ class WorkerControl:
         enable_events: bool,
         interval: float,
         redis: RedisSettings | None = None,
+        status: BrokerStatus | None = None,
     ) -> None:
+        #: Where failed broadcast rounds are counted (a self-metric).
+        self._status = status or BrokerStatus()
+        self._outage = OutageLog(log, "broadcast to workers")
         self._broadcaster: RedisBroadcaster | CeleryBroadcaster = (
             RedisBroadcaster(redis)
             if redis is not None
@@ -138,12 +144,10 @@ class WorkerControl:
         try:
             self._broadcaster.broadcast(commands)
         except Exception as exc:  # a broker hiccup here must not stop the exporter
-            log.warning(
-                "broadcast %s to workers failed: %s: %s",
-                " and ".join(commands),
-                type(exc).__name__,
-                exc,
-            )
+            self._status.broadcast_errors += 1
+            self._outage.failed(exc)
+        else:
+            self._outage.succeeded()
 
     def _run(self) -> None:
         while not self._stopping.is_set():

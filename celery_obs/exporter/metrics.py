@@ -348,6 +348,12 @@ EXPORTER_QUEUE_PROBE_ERRORS = MetricSpec(
     "counter",
     "Queue length probes that failed (the last known length is kept).",
 )
+EXPORTER_BROADCAST_ERRORS = MetricSpec(
+    "celery_exporter_broadcast_errors_total",
+    "counter",
+    "Broadcasts to the workers (heartbeat, enable_events) that failed; workers started "
+    "without -E then send no task events.",
+)
 EXPORTER_BACKLOG_BYTES = MetricSpec(
     "celery_exporter_backlog_bytes",
     "gauge",
@@ -406,6 +412,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     EXPORTER_NEGATIVE_DURATIONS,
     EXPORTER_UNMEASURED,
     EXPORTER_QUEUE_PROBE_ERRORS,
+    EXPORTER_BROADCAST_ERRORS,
     EXPORTER_BACKLOG_BYTES,
     EXPORTER_BACKLOG_FULL,
     EXPORTER_EVENT_READER,

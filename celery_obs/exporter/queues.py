@@ -27,6 +27,7 @@ from kombu import Connection
 from kombu.exceptions import ChannelError
 
 from . import redis_link
+from .outages import OutageLog
 from .redis_link import RedisSettings
 
 log = logging.getLogger(__name__)
@@ -212,6 +213,7 @@ class QueueProbe:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="queue-probe", daemon=True)
         self._reader: LengthReader | None = None
+        self._outage = OutageLog(log, "queue length probe")
         self._failures: dict[str, int] = {}  # name -> failed probes in a row
         self._suspended: dict[str, float] = {}  # name -> monotonic time it may be probed again
 
@@ -239,9 +241,10 @@ class QueueProbe:
             lengths, failures = self._reader.lengths(sorted(names))
         except Exception as exc:  # any broker failure: keep the last lengths, count, retry later
             self._cache.count_error()
-            log.warning("queue length probe failed: %s: %s", type(exc).__name__, exc)
+            self._outage.failed(exc)
             self._drop_reader()
             return
+        self._outage.succeeded()
         self._cache.update(lengths)
         for name in lengths:
             self._failures.pop(name, None)

@@ -70,6 +70,7 @@ class Exporter:
             enable_events=config.enable_events,
             interval=config.enable_events_interval,
             redis=redis,
+            status=self.status,
         )
         queue_options = config.event_queue
         if not queue_options.name:  # one queue per exporter instance: host and port

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import uuid
 from typing import Any
 
@@ -14,8 +15,9 @@ import redis
 from kombu import Connection
 from test_redis_link import publish_heartbeat
 
-from celery_obs.exporter.control import RedisBroadcaster
-from celery_obs.exporter.queues import RedisLengthReader
+from celery_obs.exporter.consumer import BrokerStatus
+from celery_obs.exporter.control import RedisBroadcaster, WorkerControl
+from celery_obs.exporter.queues import QueueLengths, QueueProbe, RedisLengthReader, length_reader
 from celery_obs.exporter.redis_link import (
     BrokerUrlError,
     ReplyError,
@@ -196,3 +198,40 @@ def test_the_reply_reader_reads_every_resp2_type_however_split(size: int) -> Non
 def test_the_reply_reader_refuses_what_is_not_redis() -> None:
     with pytest.raises(ConnectionError, match="not a Redis reply"):
         _Replies(Chunks(b"HTTP/1.1 400 Bad Request\r\n", 100)).read()
+
+
+def test_a_failing_broadcast_and_probe_are_logged_once_and_counted(caplog) -> None:
+    # A broker that is down fails every round; the log says so when it starts and when it ends,
+    # the metrics count every round.
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    status = BrokerStatus()
+    control = WorkerControl(
+        url, {}, enable_events=True, interval=60, redis=settings(url), status=status
+    )
+    cache = QueueLengths()
+    probe = QueueProbe(length_reader(Connection, settings(url)), lambda: {"jobs"}, cache, 60)
+    caplog.set_level(logging.INFO, logger="celery_obs")
+    for _ in range(3):
+        control.broadcast_once()
+        probe.probe_once()
+    assert status.broadcast_errors == 3
+    assert cache.snapshot() == ({}, 3)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert warnings[0].startswith("broadcast to workers failed: ConnectionRefusedError")
+    assert warnings[1].startswith("queue length probe failed: ConnectionRefusedError")
+    server = RedisServer(port=port)
+    try:
+        caplog.clear()
+        control.broadcast_once()
+        probe.probe_once()
+        assert status.broadcast_errors == 3
+        assert cache.snapshot() == ({"jobs": 0}, 3)
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == [
+            "broadcast to workers works again after 3 failures",
+            "queue length probe works again after 3 failures",
+        ]
+    finally:
+        probe.stop()
+        server.close()
