@@ -59,6 +59,8 @@ def _mask_query(rest: str) -> str:
     path, sep, query = rest.partition("?")
     if not sep or not query:
         return rest
+    if "@" in query:  # `redis://u?pa=ss@host`: a '?' in the credentials, not a query string
+        return f"{path}?{MASK}"
     fragment = ""
     query, hash_, tail = query.partition("#")
     if hash_:
@@ -105,6 +107,8 @@ def url_secrets(url: str) -> set[str]:
         elif (port := _odd_port(parts[2])) is not None:
             found.add(port)
         query = rest.partition("?")[2].partition("#")[0]
+        if "@" in query:  # see _mask_query: all of it up to the host may be a password
+            found.add(query.rpartition("@")[0])
         for name, value in parse_qsl(query, keep_blank_values=True):
             if SECRET_NAME.search(name):
                 found.add(value)

@@ -43,6 +43,11 @@ from celery_obs.exporter.secrets import Scrubber, ScrubFilter, mask_url, option_
             {"tls-pw"},
         ),
         ("redis://user-only@h/0", "redis://user-only@h/0", set()),
+        (  # a '?' in the credentials: what follows it looks like a query string
+            "redis://u?pw=half@h:6379/0",
+            "redis://u?**",
+            {"pw=half"},
+        ),
         ("memory://", "memory://", set()),
         ("amqp://u:pw-ipv6@[::1:5672/x", "amqp://u:**@[::1:5672/x", {"pw-ipv6"}),
         ("amqp://u:pw@[::1]:5672/x", "amqp://u:**@[::1]:5672/x", {"pw"}),
