@@ -97,6 +97,8 @@ class RedisLengthReader:
     def lengths(self, queues: list[str]) -> Probed:
         try:
             return self._lengths(queues)
+        except redis_link.RedisRefused:  # the server said no: a new link would hear the same
+            raise
         except ConnectionError:
             # The server closed an idle link (its `timeout`, a proxy's idle cut) or restarted:
             # LLEN only reads, so one retry on a fresh link is safe and spares a failed probe.
@@ -121,6 +123,11 @@ class RedisLengthReader:
                 continue
             asked.append(queue)
         replies = redis_link.request(self._sock, commands) if commands else []
+        for reply in replies:
+            if isinstance(reply, redis_link.ReplyError) and not _about_one_key(reply):
+                # LOADING, BUSY, MASTERDOWN, a command the ACL forbids: the whole probe fails
+                # (and is retried), rather than every queue failing towards its suspension.
+                raise redis_link.RedisRefused(f"Redis refused LLEN: {reply}")
         for i, queue in enumerate(asked):
             sizes = replies[i * _PER_QUEUE : (i + 1) * _PER_QUEUE]
             errors = [size for size in sizes if not isinstance(size, int)]
@@ -132,6 +139,13 @@ class RedisLengthReader:
 
     def close(self) -> None:
         self._sock.close()
+
+
+def _about_one_key(reply: Exception) -> bool:
+    """An error reply about the key asked for, not about the server or the command: a key that
+    is not a list, or one the ACL user may not read (`NOPERM ... access a key`)."""
+    text = str(reply)
+    return text.startswith("WRONGTYPE") or (text.startswith("NOPERM") and " key" in text)
 
 
 class DeclaredLengthReader:

@@ -1,13 +1,14 @@
-"""Subscribe to Celery's event channel on Redis ourselves, from the broker URL and transport
-options alone: no kombu channel internals, so every kombu and redis-py version we admit runs
-the same fast path.
+"""The exporter's own links to Redis (the event subscription, queue-length probes, broadcasts
+to the workers), from the broker URL and transport options alone: no kombu channel internals,
+so every kombu and redis-py version we admit runs the same paths, and redis-py stays unloaded.
 
 The wire format is Celery's and Redis', not kombu's internals: kombu publishes a fanout message
 to the pub/sub channel `<global_keyprefix><fanout prefix>celeryev/<routing key>`, where the
 fanout prefix is `/<db>.` by default (`fanout_prefix`; a string of its own, or none), and the
 routing key is dropped when `fanout_patterns` is off. So the exporter connects (TCP, TLS or a
 unix socket; a sentinel is asked for the master with redis-py's public Sentinel), authenticates,
-and PSUBSCRIBEs to that pattern. Nothing is written to the user's Redis: no binding, no key.
+and PSUBSCRIBEs to that pattern. No key is written to the user's Redis (broadcasts are
+PUBLISHed, as Celery's own are).
 
 kombu before 5.4 never put the database number into a sentinel's fanout prefix: on a sentinel
 URL the literal `/{db}.` channel is subscribed to as well, so older workers are heard too.
@@ -15,13 +16,12 @@ URL the literal `/{db}.` channel is subscribed to as well, so older workers are 
 
 from __future__ import annotations
 
-import inspect
 import logging
 import re
 import socket
 import ssl
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -51,6 +51,13 @@ class BrokerUrlError(ValueError):
     which can hold a password: the caller shows the masked URL beside it."""
 
 
+class Failover:
+    """The position in a failover list: the server last reached (index 0 is the first URL)."""
+
+    def __init__(self) -> None:
+        self.current = 0
+
+
 @dataclass(frozen=True)
 class RedisSettings:
     host: str = "127.0.0.1"
@@ -65,6 +72,10 @@ class RedisSettings:
     #: The other servers of a failover list (`redis://a;redis://b`), tried in order when this
     #: one cannot be reached, as kombu fails over.
     fallbacks: tuple[RedisSettings, ...] = ()
+    #: Which of them the exporter's links reached last, shared by all of them (the settings
+    #: object is), so the event stream, the probe and the broadcasts stay on one server, as
+    #: kombu's one connection would. Not part of what the settings are.
+    failover: Failover = field(default_factory=Failover, compare=False, repr=False)
 
     @property
     def topics(self) -> list[str]:
@@ -98,14 +109,21 @@ class RedisSettings:
 
 
 def _db(virtual_host: object) -> int:
-    text = str(virtual_host or "").strip("/")
-    if text and not (text.isascii() and text.isdigit()):  # kombu's transport refuses it too
-        raise BrokerUrlError("the database (the URL's path) must be a number")
-    return int(text or 0)
+    """The database number, read as kombu's Redis transport reads it (`/2`, `2`, `/2 `)."""
+    if isinstance(virtual_host, int):
+        return virtual_host
+    text = str(virtual_host or "")
+    if text in ("", "/"):
+        return 0
+    try:
+        return int(text.removeprefix("/"))
+    except ValueError:  # kombu's transport refuses it too, when it connects
+        raise BrokerUrlError("the database (the URL's path) must be a number") from None
 
 
 def settings_for(connection: Connection) -> RedisSettings | None:
-    """What to connect to, from kombu's public connection attributes; None if not Redis."""
+    """The server a connection is on now, from kombu's public connection attributes (a
+    failover list's other servers are not included); None if not Redis."""
     if driver_of(connection) != "redis":
         return None
     scheme = connection.transport_cls if isinstance(connection.transport_cls, str) else ""
@@ -123,14 +141,19 @@ def settings_for(connection: Connection) -> RedisSettings | None:
 
 
 def settings_for_url(url: str, options: Mapping[str, Any]) -> RedisSettings | None:
-    """`settings_for(Connection(url, transport_options=options))`, without the Connection.
+    """The first server as `settings_for(Connection(url, transport_options=options))` reads
+    it, with a failover list's others as kombu fails over to them; None if not Redis.
 
     kombu's Connection imports the transport's module to parse a URL, and its Redis module
     imports redis-py (~10 MB resident, which the exporter does not use on Redis). This splits
     the URL as the Connection does (`;` between failover URLs, `redis+socket://`, kombu's own
-    `parse_url`); a test holds the two to the same result for every URL form. A Redis URL
-    kombu cannot read raises BrokerUrlError, whose message is safe to show.
+    `parse_url`); tests hold the result to kombu's for every URL form. A Redis URL kombu
+    cannot read (or misreads) raises BrokerUrlError, whose message is safe to show.
     """
+    if "#" in url and driver_of_alias(url.partition("://")[0].lower()) == "redis":
+        # kombu reads `redis://:pa#ss@host` as a fragment and connects to localhost, without a
+        # password: that is never what was meant.
+        raise BrokerUrlError("it has a '#' (a URL fragment): write one in a password as %23")
     try:
         return _settings_for_url(url, options)
     except BrokerUrlError:
@@ -139,8 +162,14 @@ def settings_for_url(url: str, options: Mapping[str, Any]) -> RedisSettings | No
         raise BrokerUrlError(_why_unreadable(url, exc)) from None
 
 
-#: What a URL may set, as kombu's Connection reads it (each a parameter of its `_init_params`).
-_URL_OPTIONS = frozenset(inspect.signature(Connection._init_params).parameters) - {"self"}
+#: What a URL's query string may set besides the URL's own parts, as kombu's Connection reads
+#: it (its connection parameters, the only keys its `Connection(url)` accepts).
+_URL_OPTIONS = frozenset(
+    {
+        *("hostname", "port", "userid", "password", "virtual_host", "transport", "ssl"),
+        *("insist", "connect_timeout", "login_method", "heartbeat", "credential_provider"),
+    }
+)
 
 
 def _why_unreadable(url: str, exc: Exception) -> str:
@@ -162,20 +191,46 @@ def _settings_for_url(url: str, options: Mapping[str, Any]) -> RedisSettings | N
         alias, hostname = first.split("+", 1)
         if driver_of_alias(alias) != "redis":
             return None
+        # A failover list of sockets is left to its first: one host has one socket.
         return _settings(alias, hostname, None, None, None, None, None, alternates, options)
     parts = parse_url(first)  # as kombu reads it: the scheme lower-cased, spaces stripped
     scheme = parts.pop("transport")
     if driver_of_alias(scheme) != "redis":
         return None
-    unknown = sorted(set(parts) - _URL_OPTIONS)
-    if unknown:  # Connection(url) refuses these; Connection(**parts) would swallow them
-        raise BrokerUrlError(f"kombu knows no URL option {unknown[0]} (in its query string)")
+    if set(parts) - _URL_OPTIONS:  # Connection(url) refuses these; Connection(**parts) not
+        # The option's name is not quoted: with a '?' in a password it is part of the password.
+        raise BrokerUrlError(
+            "its query string has an option kombu does not know (a '?' in a password must be"
+            " written %3F)"
+        )
+    if parts.get("credential_provider"):
+        raise BrokerUrlError(
+            "credential_provider is not supported by the exporter: put the credentials in the URL"
+        )
     # A Connection from the URL's parts, not from the URL, never loads the transport; kombu
     # still applies its own rules to them (rediss:// without ssl options, for one).
     connection = Connection(
         transport=scheme, transport_options=dict(options), alternates=alternates, **parts
     )
-    return settings_for(connection)
+    primary = settings_for(connection)
+    if primary is None or primary.sentinels:
+        return primary
+    return replace(primary, fallbacks=_switched(connection, alternates[1:]))
+
+
+def _switched(connection: Connection, alternates: list[str]) -> tuple[RedisSettings, ...]:
+    """The servers kombu fails over to, in its order: `switch()` is its own failover step, so
+    what a URL leaves out carries over as kombu carries it (the earlier URL's port, database
+    and TLS options; a bare host name takes them all). It does no I/O."""
+    found = []
+    for alternate in alternates:
+        if not alternate.strip():  # `redis://a;`: kombu would try a host named ""
+            continue
+        connection.switch(alternate)
+        settings = settings_for(connection)
+        if settings is not None:
+            found.append(settings)
+    return tuple(found)
 
 
 def _settings(
@@ -206,10 +261,8 @@ def _settings(
             username=unquote(username) if username else userid,
             password=unquote(secret) if secret else password,
             options=options,
-            fallbacks=_fallbacks(alternates, options),
         )
     sentinels: tuple[tuple[str, int], ...] = ()
-    fallbacks: tuple[RedisSettings, ...] = ()
     if scheme == "sentinel":  # the alternates are more sentinels to ask, not more servers
         found = []
         for alt in alternates:
@@ -217,8 +270,6 @@ def _settings(
             if url.scheme == "sentinel" and url.hostname:
                 found.append((url.hostname, url.port or 26379))
         sentinels = tuple(found) or ((hostname, port or 26379),)
-    else:
-        fallbacks = _fallbacks(alternates, options)
     return RedisSettings(
         host=hostname,
         port=port or _DEFAULT_PORT,
@@ -228,15 +279,7 @@ def _settings(
         tls=tls,
         sentinels=sentinels,
         options=options,
-        fallbacks=fallbacks,
     )
-
-
-def _fallbacks(alternates: Iterable[str], options: Mapping[str, Any]) -> tuple[RedisSettings, ...]:
-    """Each URL after the first of a failover list, read on its own (its own database, its
-    own credentials); one that is not a Redis URL is left out."""
-    found = (_settings_for_url(alt, options) for alt in list(alternates)[1:] if alt.strip())
-    return tuple(settings for settings in found if settings is not None)
 
 
 def _tls_context(options: Mapping[str, Any]) -> ssl.SSLContext:
@@ -315,14 +358,29 @@ def connect_any(
     """`connect`, and the settings of the server it reached: a failover URL has its own
     database, and pub/sub channels are named after it (`/{db}.celeryev`)."""
     candidates = (settings, *settings.fallbacks)
-    for i, candidate in enumerate(candidates):
+    if len(candidates) == 1:
+        return _connect(settings, timeout, connect_timeout, select), settings
+    # From the server reached last, round the list, as kombu's round-robin failover goes.
+    start = settings.failover.current % len(candidates)
+    errors = []
+    for step in range(len(candidates)):
+        index = (start + step) % len(candidates)
+        candidate = candidates[index]
         try:
-            return _connect(candidate, timeout, connect_timeout, select), candidate
-        except Exception:
-            if i == len(candidates) - 1:
-                raise
-            log.debug("Redis %d of %d unreachable, trying the next", i + 1, len(candidates))
-    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+            sock = _connect(candidate, timeout, connect_timeout, select)
+        except Exception as exc:
+            errors.append(f"{_where(candidate)}: {type(exc).__name__}: {exc}")
+            continue
+        if index != settings.failover.current:
+            log.info("Redis failover: now on %s", _where(candidate))
+            settings.failover.current = index
+        return sock, candidate
+    raise ConnectionError(f"no server of the failover list answered ({'; '.join(errors)})")
+
+
+def _where(settings: RedisSettings) -> str:
+    """A server's address for messages (never its credentials)."""
+    return settings.path or f"{settings.host}:{settings.port}"
 
 
 def _connect(settings: RedisSettings, timeout: float, connect_timeout: float, select: bool) -> Any:
@@ -381,6 +439,10 @@ def request(sock: Any, commands: list[bytes]) -> list[Any]:
     return [replies.read() for _ in commands]
 
 
+#: Nested arrays deeper than this are not a reply to any command of ours.
+_MAX_NESTING = 8
+
+
 class _Replies:
     """Reads RESP2 replies off a socket. Only for the short answers to our own commands (the
     event stream's volume goes through hiredis), so plain Python and no dependency."""
@@ -389,22 +451,29 @@ class _Replies:
         self._sock = sock
         self._buffer = bytearray()
 
-    def read(self) -> Any:
+    def read(self, depth: int = 0) -> Any:
         line = self._line()
         kind, rest = line[:1], line[1:]
-        if kind == b":":
-            return int(rest)
         if kind == b"+":
             return bytes(rest)
         if kind == b"-":
             return ReplyError(rest.decode("utf-8", "replace"))
+        if kind == b":":
+            return self._number(line)
         if kind == b"$":
-            size = int(rest)
+            size = self._number(line)
             return None if size < 0 else self._exactly(size)
-        if kind == b"*":
-            size = int(rest)
-            return None if size < 0 else [self.read() for _ in range(size)]
-        raise ConnectionError(f"not a Redis reply: {bytes(line[:40])!r}")
+        if kind == b"*" and depth < _MAX_NESTING:
+            size = self._number(line)
+            return None if size < 0 else [self.read(depth + 1) for _ in range(size)]
+        raise ConnectionError(f"not a Redis reply: {line[:40]!r}")
+
+    @staticmethod
+    def _number(line: bytes) -> int:
+        try:
+            return int(line[1:])
+        except ValueError:
+            raise ConnectionError(f"not a Redis reply: {line[:40]!r}") from None
 
     def _line(self) -> bytes:
         while (end := self._buffer.find(b"\r\n")) < 0:
@@ -416,6 +485,8 @@ class _Replies:
     def _exactly(self, size: int) -> bytes:
         while len(self._buffer) < size + 2:
             self._fill()
+        if self._buffer[size : size + 2] != b"\r\n":
+            raise ConnectionError("not a Redis reply: a bulk string without its CRLF")
         data = bytes(self._buffer[:size])
         del self._buffer[: size + 2]
         return data

@@ -13,11 +13,18 @@ from typing import Any
 import pytest
 import redis
 from kombu import Connection
+from kombu.transport import redis as redis_transport
 from test_redis_link import publish_heartbeat
 
 from celery_obs.exporter.consumer import BrokerStatus
 from celery_obs.exporter.control import RedisBroadcaster, WorkerControl
-from celery_obs.exporter.queues import QueueLengths, QueueProbe, RedisLengthReader, length_reader
+from celery_obs.exporter.queues import (
+    FAILURES_BEFORE_SUSPEND,
+    QueueLengths,
+    QueueProbe,
+    RedisLengthReader,
+    length_reader,
+)
 from celery_obs.exporter.redis_link import (
     BrokerUrlError,
     ReplyError,
@@ -60,6 +67,61 @@ def heard_methods(listener: Any, count: int) -> list[str]:
     return methods
 
 
+def kombus_servers(url: str) -> list[dict[str, Any]]:
+    """Where kombu's Redis transport connects for each server of a failover list, in the order
+    it fails over: its own `switch()`, then its channel's connection parameters. (`_connparams`
+    is kombu's private method; a channel is made without connecting, for this reading only.)"""
+    connection = Connection(url)
+    found = []
+    for alternate in [None, *connection.alt[1:]]:
+        if alternate is not None:
+            connection.switch(alternate)
+        channel = object.__new__(redis_transport.Channel)
+        channel.connection = connection.transport
+        params = channel._connparams()
+        tls = params["connection_class"].__name__ == "SSLConnection"
+        found.append(
+            {
+                **{key: params.get(key) for key in ("host", "port", "db", "username", "password")},
+                "verify": params.get("ssl_cert_reqs") if tls else "plain",
+            }
+        )
+    return found
+
+
+def our_servers(url: str) -> list[dict[str, Any]]:
+    first = settings(url)
+    return [
+        {
+            "host": server.host,
+            "port": server.port,
+            "db": server.db,
+            "username": server.username,
+            "password": server.password,
+            "verify": "plain" if server.tls is None else server.tls.get("ssl_cert_reqs"),
+        }
+        for server in (first, *first.fallbacks)
+    ]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://a:6380/1;redis://b",  # the port and database carry over
+        "redis://:pw@a:6380/1;b",  # a bare host name takes everything else
+        "redis://a/1;redis://:pw@b:7000/2",  # each its own
+        "rediss://:pw@a/0?ssl_cert_reqs=required;redis://:pw@b:7000/0",  # TLS carries over
+        "rediss://a/0?ssl_cert_reqs=required;rediss://b/0",
+        "redis://u:p@a/3;redis://v:q@b;redis://c:7001",
+    ],
+)
+def test_a_failover_list_is_kombus(url: str) -> None:
+    # Each server after the first inherits what its URL leaves out, as kombu's failover does:
+    # reading each URL on its own once sent a password in cleartext to a `rediss://` list's
+    # second server.
+    assert our_servers(url) == kombus_servers(url)
+
+
 def test_the_probe_survives_the_server_dropping_its_clients(server: RedisServer) -> None:
     # A server's `timeout`, a proxy's idle cut or an admin's CLIENT KILL closes the probe's
     # idle link: the next probe reconnects at once instead of failing one round.
@@ -98,6 +160,27 @@ def test_a_failover_list_reaches_the_server_that_answers(server: RedisServer) ->
         listener.close()
 
 
+def test_the_links_stay_together_on_the_server_they_failed_over_to(server: RedisServer) -> None:
+    # Once on the second server, a link does not go back to the first when it comes back:
+    # workers and the exporter moved together, and a broadcast sent to the first would reach
+    # none of them.
+    first_port = free_port()
+    url = f"redis://127.0.0.1:{first_port}/0;{server.url(0)}"
+    ours = settings(url)
+    reader = RedisLengthReader(ours)  # reaches the second
+    first = RedisServer(port=first_port)
+    try:
+        listener = subscriber(server.url(0), ours.control_channels)
+        try:
+            RedisBroadcaster(ours).broadcast(["heartbeat"])
+            assert heard_methods(listener, 1) == ["heartbeat"]
+        finally:
+            listener.close()
+    finally:
+        reader.close()
+        first.close()
+
+
 def test_events_over_a_failover_list(server: RedisServer, start_exporter) -> None:
     # The event channel is named after the database of the server reached (`/5.celeryev`),
     # not the first URL's.
@@ -124,6 +207,45 @@ def test_an_acl_user_without_a_password(server: RedisServer) -> None:
         assert reader.lengths(["jobs"]) == ({"jobs": 1}, {})
     finally:
         reader.close()
+
+
+def test_an_acl_that_hides_some_keys_fails_those_queues_alone(server: RedisServer) -> None:
+    admin = redis.Redis.from_url(server.url())
+    admin.rpush("shared", "a")
+    admin.rpush("private", "b")
+    admin.execute_command("ACL", "SETUSER", "probe", "on", ">pw", "~shared*", "+@all")
+    reader = RedisLengthReader(settings(f"redis://probe:pw@127.0.0.1:{server.port}/0"))
+    try:
+        lengths, failures = reader.lengths(["private", "shared"])
+    finally:
+        reader.close()
+    assert lengths == {"shared": 1}
+    assert list(failures) == ["private"]
+    assert "NOPERM" in failures["private"]
+
+
+def test_a_server_wide_refusal_fails_the_probe_not_each_queue(server: RedisServer) -> None:
+    # Without LLEN (or while Redis loads its data, runs a long script, ...) every queue's reply
+    # is an error: the probe fails as a whole and is retried, instead of each queue counting
+    # towards an hour's suspension.
+    admin = redis.Redis.from_url(server.url())
+    admin.execute_command("ACL", "SETUSER", "probe", "on", ">pw", "~*", "+@all", "-llen")
+    url = f"redis://probe:pw@127.0.0.1:{server.port}/0"
+    cache = QueueLengths()
+    probe = QueueProbe(length_reader(Connection, settings(url)), lambda: {"a", "b"}, cache, 60)
+    try:
+        reader = RedisLengthReader(settings(url))
+        with pytest.raises(ConnectionError, match="Redis refused LLEN: NOPERM"):
+            reader.lengths(["a"])
+        reader.close()
+        for _ in range(FAILURES_BEFORE_SUSPEND + 1):
+            probe.probe_once()
+        assert cache.snapshot() == ({}, FAILURES_BEFORE_SUSPEND + 1)
+        admin.execute_command("ACL", "SETUSER", "probe", "+llen")
+        probe.probe_once()
+        assert cache.snapshot() == ({"a": 0, "b": 0}, FAILURES_BEFORE_SUSPEND + 1)
+    finally:
+        probe.stop()
 
 
 def test_a_wrong_password_is_refused_without_showing_it(server: RedisServer) -> None:
@@ -153,6 +275,7 @@ def test_a_queue_name_redis_cannot_hold_fails_alone(server: RedisServer) -> None
         (f"redis://:{SECRET};x@127.0.0.1:1/0", "write one in a password as %3B"),
         (f"redis://:{SECRET}@127.0.0.1:1/abc", "the database (the URL's path) must be a number"),
         (f"redis://:{SECRET}@127.0.0.1:1/0?virtual_host=7", "sets virtual_host twice"),
+        (f"redis://u?{SECRET}=1@127.0.0.1:1/0", "a '?' in a password must be written %3F"),
     ],
 )
 def test_a_url_kombu_refuses_is_a_clear_error_without_the_password(url: str, why: str) -> None:
@@ -164,9 +287,26 @@ def test_a_url_kombu_refuses_is_a_clear_error_without_the_password(url: str, why
     assert SECRET not in str(caught.value)
     result = run_exporter_cli("--broker-url", url, "--web.listen-address", "127.0.0.1:0")
     assert result.returncode == 2
-    assert "celery-obs: invalid broker URL redis://:**" in result.stderr
+    assert "celery-obs: invalid broker URL redis://" in result.stderr
     assert why in result.stderr
     assert SECRET not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        # kombu would connect to 127.0.0.1:6379 without a password: not what anyone meant.
+        (f"redis://:{SECRET[:3]}#{SECRET[3:]}@127.0.0.1:1/0", "write one in a password as %23"),
+        (
+            "redis://127.0.0.1:1/0?credential_provider=pkg.Provider",
+            "credential_provider is not supported",
+        ),
+    ],
+)
+def test_urls_the_exporter_refuses_though_kombu_reads_them(url: str, why: str) -> None:
+    with pytest.raises(BrokerUrlError, match=why) as caught:
+        settings_for_url(url, {})
+    assert SECRET[3:] not in str(caught.value)
 
 
 class Chunks:
@@ -195,9 +335,18 @@ def test_the_reply_reader_reads_every_resp2_type_however_split(size: int) -> Non
         replies.read()
 
 
-def test_the_reply_reader_refuses_what_is_not_redis() -> None:
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"HTTP/1.1 400 Bad Request\r\n",
+        b":abc\r\n",
+        b"$3\r\nabcXY",  # a bulk string without its CRLF
+        b"*1\r\n" * 100 + b":1\r\n",  # deeper than any reply to our commands
+    ],
+)
+def test_the_reply_reader_refuses_what_is_not_redis(data: bytes) -> None:
     with pytest.raises(ConnectionError, match="not a Redis reply"):
-        _Replies(Chunks(b"HTTP/1.1 400 Bad Request\r\n", 100)).read()
+        _Replies(Chunks(data, 100)).read()
 
 
 def test_a_failing_broadcast_and_probe_are_logged_once_and_counted(caplog) -> None:
