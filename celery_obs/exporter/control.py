@@ -115,7 +115,9 @@ class WorkerControl:
     ) -> None:
         #: Where failed broadcast rounds are counted (a self-metric).
         self._status = status or BrokerStatus()
-        self._outage = OutageLog(log, "broadcast to workers")
+        self._outage = OutageLog(
+            log, "broadcast of heartbeat" + (" and enable_events" if enable_events else "")
+        )
         self._broadcaster: RedisBroadcaster | CeleryBroadcaster = (
             RedisBroadcaster(redis)
             if redis is not None

@@ -145,7 +145,11 @@ def _about_one_key(reply: Exception) -> bool:
     """An error reply about the key asked for, not about the server or the command: a key that
     is not a list, or one the ACL user may not read (`NOPERM ... access a key`)."""
     text = str(reply)
-    return text.startswith("WRONGTYPE") or (text.startswith("NOPERM") and " key" in text)
+    if text.startswith("WRONGTYPE"):
+        return True
+    # Redis 7.2+: "No permissions to access a key"; 6.2-7.0: "... access one of the keys used
+    # as arguments". A command the user may not run says "run the 'llen' command".
+    return text.startswith("NOPERM") and ("access a key" in text or "keys used as" in text)
 
 
 class DeclaredLengthReader:

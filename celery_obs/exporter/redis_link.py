@@ -191,22 +191,15 @@ def _settings_for_url(url: str, options: Mapping[str, Any]) -> RedisSettings | N
         alias, hostname = first.split("+", 1)
         if driver_of_alias(alias) != "redis":
             return None
-        # A failover list of sockets is left to its first: one host has one socket.
-        return _settings(alias, hostname, None, None, None, None, None, alternates, options)
+        primary = _settings(alias, hostname, None, None, None, None, None, alternates, options)
+        # kombu reads this form without loading the transport, and fails over from it alike.
+        connection = Connection(first, transport_options=dict(options), alternates=alternates)
+        return replace(primary, fallbacks=_switched(connection, alternates[1:]))
     parts = parse_url(first)  # as kombu reads it: the scheme lower-cased, spaces stripped
     scheme = parts.pop("transport")
     if driver_of_alias(scheme) != "redis":
         return None
-    if set(parts) - _URL_OPTIONS:  # Connection(url) refuses these; Connection(**parts) not
-        # The option's name is not quoted: with a '?' in a password it is part of the password.
-        raise BrokerUrlError(
-            "its query string has an option kombu does not know (a '?' in a password must be"
-            " written %3F)"
-        )
-    if parts.get("credential_provider"):
-        raise BrokerUrlError(
-            "credential_provider is not supported by the exporter: put the credentials in the URL"
-        )
+    _check_options(parts)
     # A Connection from the URL's parts, not from the URL, never loads the transport; kombu
     # still applies its own rules to them (rediss:// without ssl options, for one).
     connection = Connection(
@@ -218,14 +211,34 @@ def _settings_for_url(url: str, options: Mapping[str, Any]) -> RedisSettings | N
     return replace(primary, fallbacks=_switched(connection, alternates[1:]))
 
 
+def _check_options(parts: Mapping[str, Any]) -> None:
+    """Refuse what kombu's Connection(url) refuses, and what the exporter cannot do."""
+    if set(parts) - _URL_OPTIONS:  # Connection(url) refuses these; Connection(**parts) not
+        # The option's name is not quoted: with a '?' in a password it is part of the password.
+        raise BrokerUrlError(
+            "its query string has an option kombu does not know (a '?' in a password must be"
+            " written %3F)"
+        )
+    if parts.get("credential_provider"):
+        raise BrokerUrlError(
+            "credential_provider is not supported by the exporter: put the credentials in the URL"
+        )
+
+
 def _switched(connection: Connection, alternates: list[str]) -> tuple[RedisSettings, ...]:
     """The servers kombu fails over to, in its order: `switch()` is its own failover step, so
-    what a URL leaves out carries over as kombu carries it (the earlier URL's port, database
-    and TLS options; a bare host name takes them all). It does no I/O."""
+    what a URL leaves out comes as kombu takes it (port and database from the server before;
+    the scheme, TLS options and, for a bare host name, credentials from the first URL). It
+    does no I/O."""
     found = []
     for alternate in alternates:
         if not alternate.strip():  # `redis://a;`: kombu would try a host named ""
             continue
+        if "://" in alternate:
+            scheme = alternate.partition("://")[0]
+            if "+" in scheme:  # `redis+socket://` after the first: kombu cannot switch to it
+                continue
+            _check_options(parse_url(alternate))
         connection.switch(alternate)
         settings = settings_for(connection)
         if settings is not None:
@@ -354,9 +367,14 @@ def connect_any(
     timeout: float = 10.0,
     connect_timeout: float = 5.0,
     select: bool = False,
+    lead: bool = False,
 ) -> tuple[Any, RedisSettings]:
     """`connect`, and the settings of the server it reached: a failover URL has its own
-    database, and pub/sub channels are named after it (`/{db}.celeryev`)."""
+    database, and pub/sub channels are named after it (`/{db}.celeryev`).
+
+    Every link starts from the server the leading link (the event stream, which follows the
+    workers' events) reached last; only the leader moves that position, so a probe or a
+    broadcast that once reaches another server does not pull the others after it."""
     candidates = (settings, *settings.fallbacks)
     if len(candidates) == 1:
         return _connect(settings, timeout, connect_timeout, select), settings
@@ -371,7 +389,7 @@ def connect_any(
         except Exception as exc:
             errors.append(f"{_where(candidate)}: {type(exc).__name__}: {exc}")
             continue
-        if index != settings.failover.current:
+        if lead and index != settings.failover.current:
             log.info("Redis failover: now on %s", _where(candidate))
             settings.failover.current = index
         return sock, candidate
@@ -503,4 +521,7 @@ def _expect_ok(sock: Any, command: bytes, name: str | None) -> None:
     whose refusal does not matter, like CLIENT SETNAME under a strict ACL)."""
     (reply,) = request(sock, [command])
     if isinstance(reply, ReplyError) and name is not None:
-        raise RedisRefused(f"Redis refused {name}: {reply}")
+        # "ERR unknown command 'AUTH', with args beginning with: 'user' 'password'": Redis
+        # quotes the arguments, which for AUTH are the credentials.
+        text = str(reply).partition(", with args beginning with")[0]
+        raise RedisRefused(f"Redis refused {name}: {text}")

@@ -193,7 +193,7 @@ def open_stream(
     timeout: float = 10.0,
 ) -> RedisEventStream:
     """Connect and subscribe to the event channel ourselves."""
-    sock, reached = redis_link.connect_any(settings, timeout=timeout)
+    sock, reached = redis_link.connect_any(settings, timeout=timeout, lead=True)
     try:
         redis_link.subscribe(sock, reached.topics)
     except BaseException:

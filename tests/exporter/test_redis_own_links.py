@@ -29,6 +29,7 @@ from celery_obs.exporter.redis_link import (
     BrokerUrlError,
     ReplyError,
     _Replies,
+    connect_any,
     settings_for_url,
 )
 
@@ -122,6 +123,17 @@ def test_a_failover_list_is_kombus(url: str) -> None:
     assert our_servers(url) == kombus_servers(url)
 
 
+def test_a_socket_fails_over_to_a_server() -> None:
+    ours = settings("redis+socket:///run/a.sock?virtual_host=3;redis://b:7000/2;c")
+    assert (ours.path, ours.db) == ("/run/a.sock", 3)
+    assert [(s.host, s.port, s.db) for s in ours.fallbacks] == [("b", 7000, 2), ("c", 7000, 2)]
+
+
+def test_a_failover_url_with_an_option_kombu_does_not_know_is_refused() -> None:
+    with pytest.raises(BrokerUrlError, match="credential_provider is not supported"):
+        settings_for_url("redis://a/0;redis://b/0?credential_provider=pkg.Provider", {})
+
+
 def test_the_probe_survives_the_server_dropping_its_clients(server: RedisServer) -> None:
     # A server's `timeout`, a proxy's idle cut or an admin's CLIENT KILL closes the probe's
     # idle link: the next probe reconnects at once instead of failing one round.
@@ -160,14 +172,18 @@ def test_a_failover_list_reaches_the_server_that_answers(server: RedisServer) ->
         listener.close()
 
 
-def test_the_links_stay_together_on_the_server_they_failed_over_to(server: RedisServer) -> None:
-    # Once on the second server, a link does not go back to the first when it comes back:
-    # workers and the exporter moved together, and a broadcast sent to the first would reach
-    # none of them.
+def test_the_links_follow_the_event_stream_not_each_other(server: RedisServer) -> None:
+    # Once the event stream (the leading link) is on the second server, the probe and the
+    # broadcasts start there too, even after the first comes back: workers and the exporter
+    # moved together, and a broadcast sent to the first would reach none of them. A probe that
+    # reaches another server does not move the others.
     first_port = free_port()
     url = f"redis://127.0.0.1:{first_port}/0;{server.url(0)}"
     ours = settings(url)
-    reader = RedisLengthReader(ours)  # reaches the second
+    probe_link = RedisLengthReader(ours)  # reaches the second, but does not lead
+    assert ours.failover.current == 0
+    stream_link, reached = connect_any(ours, lead=True)  # as the event stream connects
+    assert (reached.port, ours.failover.current) == (server.port, 1)
     first = RedisServer(port=first_port)
     try:
         listener = subscriber(server.url(0), ours.control_channels)
@@ -177,15 +193,18 @@ def test_the_links_stay_together_on_the_server_they_failed_over_to(server: Redis
         finally:
             listener.close()
     finally:
-        reader.close()
+        stream_link.close()
+        probe_link.close()
         first.close()
 
 
 def test_events_over_a_failover_list(server: RedisServer, start_exporter) -> None:
     # The event channel is named after the database of the server reached (`/5.celeryev`),
-    # not the first URL's.
-    url = f"redis://127.0.0.1:{free_port()}/0;{server.url(5)}"
-    exporter = start_exporter(url, "--no-enable-events")
+    # not the first URL's; when the first server comes back, the broadcasts stay with the
+    # event stream on the second.
+    first_port = free_port()
+    url = f"redis://127.0.0.1:{first_port}/0;{server.url(5)}"
+    exporter = start_exporter(url, "--enable-events-interval", "1")
     hostname = f"w-{uuid.uuid4().hex[:6]}@failover"
 
     def heard() -> bool:
@@ -193,6 +212,15 @@ def test_events_over_a_failover_list(server: RedisServer, start_exporter) -> Non
         return exporter.scrape().value("celery_worker_up", hostname=hostname) == 1
 
     wait_for(heard, 30, "a heartbeat on the second server of the list")
+    first = RedisServer(port=first_port)
+    try:
+        listener = subscriber(server.url(5), settings(url).fallbacks[0].control_channels)
+        try:
+            assert heard_methods(listener, 2) == ["heartbeat", "enable_events"]
+        finally:
+            listener.close()
+    finally:
+        first.close()
 
 
 def test_an_acl_user_without_a_password(server: RedisServer) -> None:
@@ -229,8 +257,9 @@ def test_a_server_wide_refusal_fails_the_probe_not_each_queue(server: RedisServe
     # is an error: the probe fails as a whole and is retried, instead of each queue counting
     # towards an hour's suspension.
     admin = redis.Redis.from_url(server.url())
-    admin.execute_command("ACL", "SETUSER", "probe", "on", ">pw", "~*", "+@all", "-llen")
-    url = f"redis://probe:pw@127.0.0.1:{server.port}/0"
+    # (A user name with "key" in it once passed for a refusal about one key.)
+    admin.execute_command("ACL", "SETUSER", "keyreader", "on", ">pw", "~*", "+@all", "-llen")
+    url = f"redis://keyreader:pw@127.0.0.1:{server.port}/0"
     cache = QueueLengths()
     probe = QueueProbe(length_reader(Connection, settings(url)), lambda: {"a", "b"}, cache, 60)
     try:
@@ -241,7 +270,7 @@ def test_a_server_wide_refusal_fails_the_probe_not_each_queue(server: RedisServe
         for _ in range(FAILURES_BEFORE_SUSPEND + 1):
             probe.probe_once()
         assert cache.snapshot() == ({}, FAILURES_BEFORE_SUSPEND + 1)
-        admin.execute_command("ACL", "SETUSER", "probe", "+llen")
+        admin.execute_command("ACL", "SETUSER", "keyreader", "+llen")
         probe.probe_once()
         assert cache.snapshot() == ({"a": 0, "b": 0}, FAILURES_BEFORE_SUSPEND + 1)
     finally:
@@ -296,7 +325,7 @@ def test_a_url_kombu_refuses_is_a_clear_error_without_the_password(url: str, why
     ("url", "why"),
     [
         # kombu would connect to 127.0.0.1:6379 without a password: not what anyone meant.
-        (f"redis://:{SECRET[:3]}#{SECRET[3:]}@127.0.0.1:1/0", "write one in a password as %23"),
+        (f"redis://:#{SECRET}@127.0.0.1:1/0", "write one in a password as %23"),
         (
             "redis://127.0.0.1:1/0?credential_provider=pkg.Provider",
             "credential_provider is not supported",
@@ -306,7 +335,7 @@ def test_a_url_kombu_refuses_is_a_clear_error_without_the_password(url: str, why
 def test_urls_the_exporter_refuses_though_kombu_reads_them(url: str, why: str) -> None:
     with pytest.raises(BrokerUrlError, match=why) as caught:
         settings_for_url(url, {})
-    assert SECRET[3:] not in str(caught.value)
+    assert SECRET not in str(caught.value)
 
 
 class Chunks:
@@ -368,7 +397,9 @@ def test_a_failing_broadcast_and_probe_are_logged_once_and_counted(caplog) -> No
     assert cache.snapshot() == ({}, 3)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2
-    assert warnings[0].startswith("broadcast to workers failed: ConnectionRefusedError")
+    assert warnings[0].startswith(
+        "broadcast of heartbeat and enable_events failed: ConnectionRefusedError"
+    )
     assert warnings[1].startswith("queue length probe failed: ConnectionRefusedError")
     server = RedisServer(port=port)
     try:
@@ -378,7 +409,7 @@ def test_a_failing_broadcast_and_probe_are_logged_once_and_counted(caplog) -> No
         assert status.broadcast_errors == 3
         assert cache.snapshot() == ({"jobs": 0}, 3)
         assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == [
-            "broadcast to workers works again after 3 failures",
+            "broadcast of heartbeat and enable_events works again after 3 failures",
             "queue length probe works again after 3 failures",
         ]
     finally:
