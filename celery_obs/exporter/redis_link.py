@@ -191,10 +191,10 @@ def _settings_for_url(url: str, options: Mapping[str, Any]) -> RedisSettings | N
         alias, hostname = first.split("+", 1)
         if driver_of_alias(alias) != "redis":
             return None
-        primary = _settings(alias, hostname, None, None, None, None, None, alternates, options)
+        local = _settings(alias, hostname, None, None, None, None, None, alternates, options)
         # kombu reads this form without loading the transport, and fails over from it alike.
         connection = Connection(first, transport_options=dict(options), alternates=alternates)
-        return replace(primary, fallbacks=_switched(connection, alternates[1:]))
+        return replace(local, fallbacks=_switched(connection, alternates[1:]))
     parts = parse_url(first)  # as kombu reads it: the scheme lower-cased, spaces stripped
     scheme = parts.pop("transport")
     if driver_of_alias(scheme) != "redis":
