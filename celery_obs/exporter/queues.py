@@ -116,11 +116,11 @@ class RedisLengthReader:
         for queue in queues:
             names = [queue, *(f"{queue}{sep}{p}" for p in _REDIS_PRIORITIES)]
             try:
-                commands.extend(redis_link.command("LLEN", key(name)) for name in names)
+                llens = [redis_link.command("LLEN", key(name)) for name in names]
             except UnicodeEncodeError:  # a lone surrogate: no Redis key can be named so
                 failures[queue] = "not a valid Redis key (not encodable as UTF-8)"
-                del commands[len(asked) * _PER_QUEUE :]
                 continue
+            commands.extend(llens)
             asked.append(queue)
         replies = redis_link.request(self._sock, commands) if commands else []
         for reply in replies:

@@ -475,7 +475,10 @@ class _Replies:
         if kind == b"+":
             return bytes(rest)
         if kind == b"-":
-            return ReplyError(rest.decode("utf-8", "replace"))
+            # "ERR unknown command 'AUTH', with args beginning with: 'user' 'password'": Redis
+            # quotes a refused command's arguments, which for AUTH are the credentials.
+            text = rest.decode("utf-8", "replace").partition(", with args beginning with")[0]
+            return ReplyError(text)
         if kind == b":":
             return self._number(line)
         if kind == b"$":
@@ -521,7 +524,4 @@ def _expect_ok(sock: Any, command: bytes, name: str | None) -> None:
     whose refusal does not matter, like CLIENT SETNAME under a strict ACL)."""
     (reply,) = request(sock, [command])
     if isinstance(reply, ReplyError) and name is not None:
-        # "ERR unknown command 'AUTH', with args beginning with: 'user' 'password'": Redis
-        # quotes the arguments, which for AUTH are the credentials.
-        text = str(reply).partition(", with args beginning with")[0]
-        raise RedisRefused(f"Redis refused {name}: {text}")
+        raise RedisRefused(f"Redis refused {name}: {reply}")

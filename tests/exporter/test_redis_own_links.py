@@ -134,6 +134,15 @@ def test_a_failover_url_with_an_option_kombu_does_not_know_is_refused() -> None:
         settings_for_url("redis://a/0;redis://b/0?credential_provider=pkg.Provider", {})
 
 
+def read_lengths(url: str, queues: list[str]) -> tuple[dict[str, int], dict[str, str]]:
+    """One probe round over a link of its own, closed after."""
+    reader = RedisLengthReader(settings(url))
+    try:
+        return reader.lengths(queues)
+    finally:
+        reader.close()
+
+
 def test_the_probe_survives_the_server_dropping_its_clients(server: RedisServer) -> None:
     # A server's `timeout`, a proxy's idle cut or an admin's CLIENT KILL closes the probe's
     # idle link: the next probe reconnects at once instead of failing one round.
@@ -158,11 +167,7 @@ def test_a_failover_list_reaches_the_server_that_answers(server: RedisServer) ->
     admin = redis.Redis.from_url(server.url(5))
     admin.rpush("jobs", "a", "b")
     admin.rpush("jobs\x06\x169", "urgent")  # a priority sub-list counts too
-    reader = RedisLengthReader(settings(url))
-    try:
-        assert reader.lengths(["jobs", "idle"]) == ({"jobs": 3, "idle": 0}, {})
-    finally:
-        reader.close()
+    assert read_lengths(url, ["jobs", "idle"]) == ({"jobs": 3, "idle": 0}, {})
     ours = settings(url)
     listener = subscriber(server.url(5), ours.fallbacks[0].control_channels)
     try:
@@ -230,11 +235,7 @@ def test_an_acl_user_without_a_password(server: RedisServer) -> None:
     admin.execute_command("ACL", "SETUSER", "default", "off")
     url = f"redis://probe@127.0.0.1:{server.port}/1"
     redis.Redis.from_url(url).rpush("jobs", "a")
-    reader = RedisLengthReader(settings(url))
-    try:
-        assert reader.lengths(["jobs"]) == ({"jobs": 1}, {})
-    finally:
-        reader.close()
+    assert read_lengths(url, ["jobs"]) == ({"jobs": 1}, {})
 
 
 def test_an_acl_that_hides_some_keys_fails_those_queues_alone(server: RedisServer) -> None:
@@ -242,11 +243,8 @@ def test_an_acl_that_hides_some_keys_fails_those_queues_alone(server: RedisServe
     admin.rpush("shared", "a")
     admin.rpush("private", "b")
     admin.execute_command("ACL", "SETUSER", "probe", "on", ">pw", "~shared*", "+@all")
-    reader = RedisLengthReader(settings(f"redis://probe:pw@127.0.0.1:{server.port}/0"))
-    try:
-        lengths, failures = reader.lengths(["private", "shared"])
-    finally:
-        reader.close()
+    url = f"redis://probe:pw@127.0.0.1:{server.port}/0"
+    lengths, failures = read_lengths(url, ["private", "shared"])
     assert lengths == {"shared": 1}
     assert list(failures) == ["private"]
     assert "NOPERM" in failures["private"]
@@ -286,13 +284,20 @@ def test_a_wrong_password_is_refused_without_showing_it(server: RedisServer) -> 
     assert SECRET not in str(caught.value)
 
 
+def test_a_server_without_auth_does_not_echo_the_password() -> None:
+    # Redis quotes the arguments of a command it does not know; for AUTH, the credentials.
+    server = RedisServer("--rename-command", "AUTH", "")
+    try:
+        with pytest.raises(ConnectionError) as caught:
+            RedisLengthReader(settings(f"redis://probe:{SECRET}@127.0.0.1:{server.port}/0"))
+    finally:
+        server.close()
+    assert str(caught.value) == "Redis refused AUTH: ERR unknown command 'AUTH'"
+
+
 def test_a_queue_name_redis_cannot_hold_fails_alone(server: RedisServer) -> None:
     redis.Redis.from_url(server.url()).rpush("jobs", "a")
-    reader = RedisLengthReader(settings(server.url()))
-    try:
-        lengths, failures = reader.lengths(["bad\udcff", "jobs"])
-    finally:
-        reader.close()
+    lengths, failures = read_lengths(server.url(), ["bad\udcff", "jobs"])
     assert lengths == {"jobs": 1}
     assert list(failures) == ["bad\udcff"]
     assert "not a valid Redis key" in failures["bad\udcff"]
