@@ -72,6 +72,9 @@ class Exporter:
             redis=redis,
             status=self.status,
         )
+        # A worker that just started hears enable_events as soon as it listens for it, not at
+        # the next periodic round (a deploy would lose its first tasks' events meanwhile).
+        self.tracker.workers.on_started = self.control.poke
         queue_options = config.event_queue
         if not queue_options.name:  # one queue per exporter instance: host and port
             name = default_queue_name(queue_options.prefix, str(address[1]))

@@ -65,6 +65,7 @@ class WorkerRecord:
         "offline_at",
         "processed",
         "software",
+        "starting",
     )
 
     def __init__(self, now: float) -> None:
@@ -77,6 +78,8 @@ class WorkerRecord:
         self.software: Software | None = None
         #: What it held was taken out (lost, or offline for good); reset when it is heard again.
         self.gone_reported = False
+        #: Came online and has not sent a heartbeat since.
+        self.starting = False
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,10 @@ class WorkerTable:
         self.timeout = timeout
         self.retention = retention
         self.records: dict[str, WorkerRecord] = {}
+        #: Called when a worker that came online sends its first heartbeat. Its worker-online
+        #: goes out before it listens for remote control, its heartbeats once it does: from
+        #: then on a broadcast (`enable_events`, for a worker started without -E) reaches it.
+        self.on_started: Callable[[], None] | None = None
         #: Liveness as of the last `tick()`, in hostname order of arrival.
         self.views: list[WorkerView] = []
         #: Monotonic time the event stream stopped (the broker connection was lost), if it is
@@ -177,6 +184,10 @@ class WorkerTable:
             return
         hostname, worker = seen
         self._alive(hostname, worker)
+        if worker.starting:
+            worker.starting = False
+            if self.on_started is not None:
+                self.on_started()
         if _count(event.get("active")) == 0:
             at = fields.timestamp(event.get("timestamp"))
             if at is not None:
@@ -196,6 +207,7 @@ class WorkerTable:
         if restarted:
             self.listener.worker_gone(label, True)
             worker.gone_reported = True
+        worker.starting = True
         self._alive(label, worker)
 
     def on_offline(self, event: dict[str, Any]) -> None:

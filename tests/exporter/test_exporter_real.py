@@ -329,6 +329,29 @@ def test_enable_events_makes_a_worker_without_dash_e_report(
     wait_for(succeeded, 30, "task events from a worker started without -E", interval=0.5)
 
 
+def test_a_worker_started_later_without_dash_e_reports_at_once(
+    redis_url, queue, start_exporter, start_worker
+):
+    # The periodic broadcast is 5 minutes away: a worker that comes online must not wait for
+    # it (a deploy or a scale-up would lose its first tasks' events).
+    exporter = start_exporter(redis_url, "--enable-events-interval", "300")
+    worker = start_worker(redis_url, queue, events=False)
+    wait_for(
+        lambda: exporter.scrape().value("celery_worker_up", hostname=worker.hostname) == 1,
+        30,
+        "the worker online",
+    )
+    app = producer(redis_url, queue)
+
+    def succeeded() -> float | None:
+        app.send_task("obs.add", (1, 1))
+        return exporter.scrape().value(
+            "celery_task_succeeded_total", name="obs.add", queue_name=queue
+        )
+
+    wait_for(succeeded, 30, "task events from a worker that came online after the exporter")
+
+
 def test_the_broker_password_never_shows(rabbit: RabbitVhost, start_exporter):
     user, password, vhost = rabbit.user, rabbit.password, rabbit.name
     good = rabbit.url()
