@@ -176,8 +176,14 @@ def _why_unreadable(url: str, exc: Exception) -> str:
     """Why kombu refused the URL, in words that never quote any of it but a keyword name."""
     repeated = re.search(r"multiple values for keyword argument '(\w+)'", str(exc))
     if repeated:  # `redis://h/0?virtual_host=1`: the path already is the virtual host
-        return f"it sets {repeated.group(1)} twice (in the URL and again in its query string)"
-    hint = " (a ';' separates failover URLs: write one in a password as %3B)" if ";" in url else ""
+        return (
+            f"its query string sets {repeated.group(1)}, which kombu takes only from the URL itself"
+        )
+    hint = (
+        " (a ';' separates failover URLs: write one in a password as %3B)"
+        if ";" in url
+        else " (a '/', '?', '@' or ':' in a password must be written %2F, %3F, %40, %3A)"
+    )
     return f"kombu cannot read it ({type(exc).__name__}){hint}"
 
 

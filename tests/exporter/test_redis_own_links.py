@@ -308,7 +308,9 @@ def test_a_queue_name_redis_cannot_hold_fails_alone(server: RedisServer) -> None
     [
         (f"redis://:{SECRET};x@127.0.0.1:1/0", "write one in a password as %3B"),
         (f"redis://:{SECRET}@127.0.0.1:1/abc", "the database (the URL's path) must be a number"),
-        (f"redis://:{SECRET}@127.0.0.1:1/0?virtual_host=7", "sets virtual_host twice"),
+        (f"redis://:{SECRET}@127.0.0.1:1/0?virtual_host=7", "query string sets virtual_host"),
+        (f"redis://127.0.0.1:1/0?password={SECRET}", "query string sets password"),
+        (f"redis://u:{SECRET}/x@127.0.0.1:1/0", "must be written %2F"),
         (f"redis://u?{SECRET}=1@127.0.0.1:1/0", "a '?' in a password must be written %3F"),
     ],
 )
