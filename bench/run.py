@@ -15,7 +15,11 @@ Reports per subject: events counted vs published per type, drain time and events
 peak RSS, and for the exporter /metrics latency and size; then our ratio to the Receiver.
 
   python bench/run.py drain --tasks 50000 --batch 1
-  python bench/run.py burst --tasks 50000 --batch 24 --subjects exporter
+  python bench/run.py burst --tasks 50000 --batch 24 --subjects exporter --timeline
+
+`--timeline` samples the exporter every 25 ms from the first message published (resident memory,
+Redis backlog, events counted) and prints where its memory peak comes from; the scrapes it takes
+cost the exporter CPU, so do not read its CPU figure from such a run.
 """
 
 from __future__ import annotations
@@ -215,6 +219,48 @@ class ExporterSubject(Subject):
         return statistics.median(took), size
 
 
+class Timeline:
+    """The exporter sampled every 25 ms in a thread: seconds since publishing began, resident
+    MB, Redis backlog MB, events counted. Scrapes, so it costs the exporter CPU."""
+
+    def __init__(self, subject: ExporterSubject, base: Counter) -> None:
+        self.subject, self.base = subject, base
+        self.samples: list[tuple[float, float, float, int]] = []
+        self.published_at = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._start = time.monotonic()
+        self._thread.start()
+
+    def published(self) -> None:
+        self.published_at = time.monotonic() - self._start
+
+    def _sample(self) -> None:
+        pid = self.subject.proc.pid
+        while not self._stop.wait(0.025):  # the sampling period, not a wait for a condition
+            try:
+                text = self.subject.scrape()
+            except OSError:
+                continue
+            backlog = self.subject.samples("celery_exporter_backlog_bytes", text)
+            counted = sum((self.subject.baseline(text) - self.base).values())
+            self.samples.append((time.monotonic() - self._start, rss_mb(pid, "VmRSS"),
+                                 sum(backlog.values()) / 2**20, counted))  # fmt: skip
+
+    def stop(self) -> list[str]:
+        self._stop.set()
+        self._thread.join(5)
+        lines = [f"    timeline (publishing ended at {self.published_at:.2f}s):",
+                 "         s   RSS MB  backlog MB    counted"]  # fmt: skip
+        # At most ~40 rows: every sample around the peak, evenly spaced ones elsewhere.
+        peak = max(range(len(self.samples)), key=lambda i: self.samples[i][1], default=0)
+        step = max(len(self.samples) // 30, 1)
+        for i, (at, rss, backlog, counted) in enumerate(self.samples):
+            if i % step == 0 or abs(i - peak) <= 3 or i == len(self.samples) - 1:
+                lines.append(f"    {at:6.2f} {rss:8.0f} {backlog:11.1f} {counted:10,}")
+        return lines
+
+
 def wait_ready(subject: Subject, url: str, timeout: float = 60, ready=None) -> None:
     probe = eventgen.Workload(tasks=0)
     # worker-online: a type the workload never sends, so probes never mix with its counts.
@@ -245,6 +291,11 @@ def run_subject(kind: str, scenario: str, url: str, workload: eventgen.Workload,
         cpu_before = cpu_seconds(subject.proc.pid)
         publisher = eventgen.publisher_for(url)
         published = Counter(workload.expected)
+        timeline = (
+            Timeline(subject, base)
+            if args.timeline and isinstance(subject, ExporterSubject)
+            else None
+        )
         if scenario == "drain":
             subject.pause()
             publisher.publish(wire)
@@ -263,6 +314,8 @@ def run_subject(kind: str, scenario: str, url: str, workload: eventgen.Workload,
                 publisher.publish(wire[half:], args.rate)
             else:
                 publisher.publish(wire, args.rate)
+        if timeline is not None:
+            timeline.published()
         rss_samples: list[float] = []
         if kind == "receiver":
             counts, last = subject.result(timeout=args.timeout)  # type: ignore[attr-defined]
@@ -283,6 +336,8 @@ def run_subject(kind: str, scenario: str, url: str, workload: eventgen.Workload,
             "peak_rss_mb": peak,
             "rss_samples": rss_samples,
         }
+        if timeline is not None:
+            result["timeline"] = timeline.stop()
         if kind == "exporter":
             result["scrape_ms"], result["scrape_bytes"] = subject.scrape_stats()  # type: ignore[attr-defined]
             result["reconnects"] = subject.samples("celery_exporter_broker_reconnects_total")  # type: ignore[attr-defined]
@@ -351,6 +406,8 @@ def report(results: list[dict], workload: eventgen.Workload, scenario: str) -> N
                 f"    RSS during run: {s[len(s) // 4]:.0f} / {s[len(s) // 2]:.0f} / "
                 f"{s[3 * len(s) // 4]:.0f} / {s[-1]:.0f} MB (quartiles, last)"
             )
+        for line in r.get("timeline", []):
+            print(line)
     by = {r["subject"]: r for r in results}
     if len(by) == 2:
         ours, theirs = by[ExporterSubject.name], by[ReceiverSubject.name]
@@ -372,6 +429,11 @@ def main() -> None:
     )
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--exporter-arg", action="append", default=[], help="extra exporter flag")
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="exporter: sample memory, backlog and progress every 25 ms and print them",
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON (table.py)")
     eventgen.add_workload_arguments(parser)
     args = parser.parse_args()
