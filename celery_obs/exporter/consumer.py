@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from amqp.exceptions import PreconditionFailed
-from celery.events.event import get_exchange
 from kombu import Connection, Consumer, Queue
 from kombu.message import Message
 
@@ -36,7 +35,7 @@ from .events import Event, EventDecoder, MalformedMessage
 from .redis_link import RedisSettings
 from .redis_stream import BacklogStats
 from .tracker import Tracker
-from .transports import driver_of
+from .transports import driver_of, event_exchange
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +199,7 @@ class EventConsumer:
             }
         return Queue(
             self._queue_name,
-            exchange=get_exchange(connection),
+            exchange=event_exchange(connection),
             routing_key="#",
             durable=False,
             # RabbitMQ: outlive our reconnects and restarts (x-expires cleans up). Elsewhere

@@ -9,8 +9,13 @@ transports the exporter knows, and from the transport itself only for any other.
 
 from __future__ import annotations
 
-from kombu import Connection
+from kombu import Connection, Exchange
 from kombu.transport import TRANSPORT_ALIASES
+
+#: The exchange Celery publishes events to (celery.events.event.EVENT_EXCHANGE_NAME).
+EVENT_EXCHANGE_NAME = "celeryev"
+#: Transports on which Celery declares it as a fanout exchange instead of a topic one.
+_FANOUT_DRIVERS = frozenset({"redis", "gcpubsub"})
 
 #: kombu's transport modules whose driver type the exporter knows without importing them.
 _DRIVERS = {"kombu.transport.redis": "redis", "kombu.transport.pyamqp": "amqp"}
@@ -26,3 +31,11 @@ def driver_of(connection: Connection) -> str:
 def driver_of_alias(alias: str) -> str | None:
     """The driver type of a URL scheme naming one of kombu's Redis or AMQP transports."""
     return _DRIVERS.get(TRANSPORT_ALIASES.get(alias, "").partition(":")[0])
+
+
+def event_exchange(connection: Connection) -> Exchange:
+    """The event exchange as Celery's `celery.events.event.get_exchange` declares it for this
+    connection (a test holds the two together). Importing celery.events for it would load
+    Celery's app machinery, ~5 MB of resident memory the exporter has no other use for."""
+    kind = "fanout" if driver_of(connection) in _FANOUT_DRIVERS else "topic"
+    return Exchange(EVENT_EXCHANGE_NAME, type=kind)
