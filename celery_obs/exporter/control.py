@@ -7,7 +7,9 @@ heartbeat interval (celery's own `Receiver.wakeup_workers` does the same).
 
 On Redis the broadcast is published over the exporter's own link, as kombu publishes it (the
 same envelope on the same channel, which a test compares with kombu's): through Celery's app it
-would load kombu's Redis transport and redis-py (~10 MB) for two messages a minute.
+would load kombu's Redis transport and redis-py (~10 MB) for two messages a minute. On RabbitMQ
+and kombu's other transports it is published with kombu's Producer, as kombu's pidbox Mailbox
+publishes it for Celery (a test compares the two): Celery's app would cost ~4 MB more.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from kombu import Connection, Exchange, Producer
+
 from . import redis_link
 from .consumer import BrokerStatus
 from .outages import OutageLog
@@ -33,18 +37,22 @@ log = logging.getLogger(__name__)
 BROADCAST_TTL = 1.0
 
 
-def pidbox_message(command: str, clock: int, now: float) -> bytes:
-    """A broadcast of `command` to every worker, in the envelope kombu's Redis transport
-    publishes (kombu.pidbox.Mailbox._publish through a virtual channel)."""
-    body: dict[str, object] = {
+def pidbox_body(command: str) -> dict[str, object]:
+    """What kombu's Mailbox publishes for a broadcast of `command` to every worker."""
+    return {
         "method": command,
         "arguments": {},
         "destination": None,
         "pattern": None,
         "matcher": None,
     }
+
+
+def pidbox_message(command: str, clock: int, now: float) -> bytes:
+    """A broadcast of `command` to every worker, in the envelope kombu's Redis transport
+    publishes (kombu.pidbox.Mailbox._publish through a virtual channel)."""
     envelope = {
-        "body": base64.b64encode(json.dumps(body).encode()).decode(),
+        "body": base64.b64encode(json.dumps(pidbox_body(command)).encode()).decode(),
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": {"clock": clock, "expires": now + BROADCAST_TTL},
@@ -85,22 +93,51 @@ class RedisBroadcaster:
         """Nothing stays open between rounds."""
 
 
-class CeleryBroadcaster:
-    """Broadcasts through a Celery app of its own (RabbitMQ and kombu's other transports)."""
+class KombuBroadcaster:
+    """Publishes broadcasts with kombu's Producer on a connection opened for each round (RabbitMQ
+    and kombu's other transports): the exchange, body, headers and serializer of kombu's pidbox
+    Mailbox, as Celery's `app.control.broadcast` configures it."""
 
-    def __init__(self, broker_url: str, transport_options: dict[str, Any]) -> None:
-        from celery import Celery
-
-        self._app = Celery("celery-obs", broker=broker_url, set_as_current=False)
-        self._app.conf.broker_transport_options = transport_options
-        self._app.conf.broker_connection_retry_on_startup = False
+    def __init__(
+        self,
+        broker_url: str,
+        transport_options: dict[str, Any],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._url = broker_url
+        self._transport_options = transport_options
+        self._clock = clock
+        self._lamport = itertools.count(1)  # the Mailbox's own clock, as for Redis
+        # kombu.pidbox.Mailbox._get_exchange("celery", "fanout"), declared by every worker.
+        self._exchange = Exchange(
+            redis_link.CONTROL_EXCHANGE, type="fanout", durable=False, delivery_mode="transient"
+        )
 
     def broadcast(self, commands: list[str]) -> None:
-        for command in commands:
-            self._app.control.broadcast(command)
+        connection = Connection(
+            self._url, transport_options=self._transport_options, connect_timeout=5
+        )
+        try:
+            # One attempt per round: the next round (or a reconnect's poke) tries again, and a
+            # broker that is down must not hold this thread in kombu's retry loop.
+            connection.ensure_connection(max_retries=1)
+            producer = Producer(connection.default_channel, auto_declare=False)
+            for command in commands:
+                producer.publish(
+                    pidbox_body(command),
+                    exchange=self._exchange.name,
+                    declare=[self._exchange],
+                    headers={
+                        "clock": next(self._lamport),
+                        "expires": self._clock() + BROADCAST_TTL,
+                    },
+                    serializer="json",
+                )
+        finally:
+            connection.release()
 
     def close(self) -> None:
-        self._app.close()
+        """Nothing stays open between rounds."""
 
 
 class WorkerControl:
@@ -118,10 +155,10 @@ class WorkerControl:
         self._outage = OutageLog(
             log, "broadcast of heartbeat" + (" and enable_events" if enable_events else "")
         )
-        self._broadcaster: RedisBroadcaster | CeleryBroadcaster = (
+        self._broadcaster: RedisBroadcaster | KombuBroadcaster = (
             RedisBroadcaster(redis)
             if redis is not None
-            else CeleryBroadcaster(broker_url, transport_options)
+            else KombuBroadcaster(broker_url, transport_options)
         )
         self._enable_events = enable_events
         self._interval = interval
