@@ -247,6 +247,10 @@ class AmqpPublisher(_Closing):
             userid=parsed.username or "guest",
             password=parsed.password or "guest",
             virtual_host=parsed.path[1:] or "/",
+            # py-amqp sets TCP_USER_TIMEOUT to 1 s: while RabbitMQ's flow control holds a fast
+            # publisher back for longer, the kernel aborts the connection ("basic_publish: timed
+            # out", errno 110). Held back is what a worker would be too; wait as it would.
+            socket_settings={socket.TCP_USER_TIMEOUT: 60_000},
         )
         self.connection.connect()
         self.channel = self.connection.channel()
