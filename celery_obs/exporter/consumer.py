@@ -35,7 +35,7 @@ from .events import Event, EventDecoder, MalformedMessage
 from .redis_link import RedisSettings
 from .redis_stream import BacklogStats
 from .tracker import Tracker
-from .transports import driver_of, event_exchange
+from .transports import connect_once, driver_of, event_exchange
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ class EventConsumer:
         stream.run(self.on_payloads, self._stopping, self._tick, on_subscribed=self._connected)
 
     def _consume(self, connection: Connection) -> None:
-        connection.ensure_connection(max_retries=1)
+        connect_once(connection)
         queue = self._event_queue(connection)
         channel = self._declare(connection, queue)
         # AMQP: acknowledged deliveries, at most `prefetch` in flight: a stalled link or a

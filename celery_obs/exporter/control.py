@@ -22,7 +22,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 from kombu import Connection, Exchange, Producer
 
@@ -30,6 +29,7 @@ from . import redis_link
 from .consumer import BrokerStatus
 from .outages import OutageLog
 from .redis_link import RedisSettings
+from .transports import connect_once
 
 log = logging.getLogger(__name__)
 
@@ -96,16 +96,16 @@ class RedisBroadcaster:
 class KombuBroadcaster:
     """Publishes broadcasts with kombu's Producer on a connection opened for each round (RabbitMQ
     and kombu's other transports): the exchange, body, headers and serializer of kombu's pidbox
-    Mailbox, as Celery's `app.control.broadcast` configures it."""
+    Mailbox, as Celery's `app.control.broadcast` configures it.
+
+    `connect` makes the round's connection: the exporter's own, with read and write timeouts,
+    so a broker that stops answering (or stops reading, as RabbitMQ does to publishers under a
+    memory alarm) fails the round instead of holding this thread."""
 
     def __init__(
-        self,
-        broker_url: str,
-        transport_options: dict[str, Any],
-        clock: Callable[[], float] = time.time,
+        self, connect: Callable[[], Connection], clock: Callable[[], float] = time.time
     ) -> None:
-        self._url = broker_url
-        self._transport_options = transport_options
+        self._connect = connect
         self._clock = clock
         self._lamport = itertools.count(1)  # the Mailbox's own clock, as for Redis
         # kombu.pidbox.Mailbox._get_exchange("celery", "fanout"), declared by every worker.
@@ -114,13 +114,11 @@ class KombuBroadcaster:
         )
 
     def broadcast(self, commands: list[str]) -> None:
-        connection = Connection(
-            self._url, transport_options=self._transport_options, connect_timeout=5
-        )
+        connection = self._connect()
         try:
-            # One attempt per round: the next round (or a reconnect's poke) tries again, and a
-            # broker that is down must not hold this thread in kombu's retry loop.
-            connection.ensure_connection(max_retries=1)
+            # Each server once a round: the next round (or a reconnect's poke) tries again, and
+            # a broker that is down must not hold this thread in kombu's retry loop.
+            connect_once(connection)
             producer = Producer(connection.default_channel, auto_declare=False)
             for command in commands:
                 producer.publish(
@@ -143,8 +141,7 @@ class KombuBroadcaster:
 class WorkerControl:
     def __init__(
         self,
-        broker_url: str,
-        transport_options: dict[str, Any],
+        connect: Callable[[], Connection],
         enable_events: bool,
         interval: float,
         redis: RedisSettings | None = None,
@@ -158,7 +155,7 @@ class WorkerControl:
         self._broadcaster: RedisBroadcaster | KombuBroadcaster = (
             RedisBroadcaster(redis)
             if redis is not None
-            else KombuBroadcaster(broker_url, transport_options)
+            else KombuBroadcaster(connect)
         )
         self._enable_events = enable_events
         self._interval = interval

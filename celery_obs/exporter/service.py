@@ -65,8 +65,7 @@ class Exporter:
         redis = redis_link.settings_for_url(config.broker_url, config.transport_options)
         self.queue_lengths = QueueLengths()
         self.control = WorkerControl(
-            config.broker_url,
-            dict(config.transport_options),
+            self.connect_without_heartbeat,  # a connection for each round, nothing to keep alive
             enable_events=config.enable_events,
             interval=config.enable_events_interval,
             redis=redis,

@@ -33,6 +33,14 @@ def driver_of_alias(alias: str) -> str | None:
     return _DRIVERS.get(TRANSPORT_ALIASES.get(alias, "").partition(":")[0])
 
 
+def connect_once(connection: Connection) -> None:
+    """Connect, trying each server of a failover list (`amqp://a;amqp://b;amqp://c`) once, in
+    order, without sleeping: kombu switches to the next server on each retry, so a fixed
+    `max_retries` stopped short of a list's third server. Waiting between rounds is the
+    caller's (its backoff, its interval)."""
+    connection.ensure_connection(max_retries=max(len(connection.alt), 1) - 1)
+
+
 def event_exchange(connection: Connection) -> Exchange:
     """The event exchange as Celery's `celery.events.event.get_exchange` declares it for this
     connection (a test holds the two together). Importing celery.events for it would load

@@ -17,7 +17,7 @@ import redis
 from kombu import Connection
 
 from brokers import RabbitVhost, RedisServer
-from support import ExporterProcess, wait_for
+from support import ExporterProcess, free_port, wait_for
 from tcp_proxy import TcpProxy
 from test_event_stream import eventgen, list_queues, wait_subscribed
 
@@ -87,6 +87,17 @@ def test_a_stalled_and_cut_amqp_link_loses_nothing(
     scrape = exporter.scrape()
     assert scrape.value("celery_exporter_broker_reconnects_total") >= 1
     assert scrape.samples.get("celery_exporter_malformed_events_total", {}) == {}
+
+
+def test_the_event_stream_reaches_the_third_server_of_a_failover_list(
+    amqp_url: str, start_exporter
+) -> None:
+    # kombu moves to the next server on each retry: a fixed retry count never got past the
+    # second, and the exporter stayed disconnected with a broker up third in the list.
+    down = [amqp_url.replace(":5672/", f":{free_port()}/", 1) for _ in range(2)]
+    exporter = start_exporter(";".join([*down, amqp_url]), "--no-enable-events")
+    wait_subscribed(exporter, amqp_url)
+    assert exporter.scrape().value("celery_exporter_broker_connected") == 1
 
 
 def ready_in_queue(amqp_url: str, exporter: ExporterProcess) -> int:

@@ -392,7 +392,11 @@ def test_a_failing_broadcast_and_probe_are_logged_once_and_counted(caplog) -> No
     url = f"redis://127.0.0.1:{port}/0"
     status = BrokerStatus()
     control = WorkerControl(
-        url, {}, enable_events=True, interval=60, redis=settings(url), status=status
+        lambda: Connection(url),
+        enable_events=True,
+        interval=60,
+        redis=settings(url),
+        status=status,
     )
     cache = QueueLengths()
     probe = QueueProbe(length_reader(Connection, settings(url)), lambda: {"jobs"}, cache, 60)
