@@ -29,6 +29,7 @@ from kombu.exceptions import ChannelError
 from . import redis_link
 from .outages import OutageLog
 from .redis_link import RedisSettings
+from .transports import connect_once
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class DeclaredLengthReader:
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
         try:
-            connection.ensure_connection(max_retries=1)
+            connect_once(connection)
         except BaseException:
             self.close()
             raise

@@ -17,6 +17,7 @@ from celery_obs.exporter.queues import (
 )
 from celery_obs.exporter.redis_link import settings_for_url
 
+from support import free_port
 from test_tracker import Clock
 
 pytestmark = pytest.mark.broker
@@ -62,3 +63,23 @@ def test_amqp_names_that_are_no_queue_fail_alone(amqp_url: str, queue: str) -> N
         assert list(failures) == [too_long]
         assert "over 255 bytes" in failures[too_long]
         channel.queue_delete(queue)
+
+
+def test_amqp_the_probe_reaches_the_third_server_of_a_failover_list(
+    amqp_url: str, queue: str
+) -> None:
+    # kombu moves to the next server on each retry: a fixed retry count stopped at the second.
+    down = [amqp_url.replace(":5672/", f":{free_port()}/", 1) for _ in range(2)]
+    with Connection(amqp_url) as connection:
+        channel = connection.channel()
+        channel.queue_declare(queue=queue, auto_delete=False)
+        channel.basic_publish(channel.prepare_message(b"m"), exchange="", routing_key=queue)
+        cache = QueueLengths()
+        reader = length_reader(lambda: Connection(";".join([*down, amqp_url])), None)
+        probe = QueueProbe(reader, lambda: {queue}, cache, 1.0)
+        try:
+            probe.probe_once()
+            assert cache.snapshot() == ({queue: 1}, 0)
+        finally:
+            probe.stop(0)
+            channel.queue_delete(queue)
