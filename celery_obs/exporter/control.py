@@ -153,9 +153,7 @@ class WorkerControl:
             log, "broadcast of heartbeat" + (" and enable_events" if enable_events else "")
         )
         self._broadcaster: RedisBroadcaster | KombuBroadcaster = (
-            RedisBroadcaster(redis)
-            if redis is not None
-            else KombuBroadcaster(connect)
+            RedisBroadcaster(redis) if redis is not None else KombuBroadcaster(connect)
         )
         self._enable_events = enable_events
         self._interval = interval
