@@ -90,6 +90,29 @@ class ReferenceReceiver:
                     counts[(name, event["type"])] += 1
         return counts
 
+    def started_before_received(self) -> dict[str, list[tuple]]:
+        """For a failure message: each task id's events (type, hostname, retries, clock), in
+        arrival order, where a host started the task more often than it had received it so
+        far: a start the exporter could not place on a delivery, if its stream ran the same."""
+        with self.lock:
+            events = [e for e in self.events if e.get("uuid") and e["type"].startswith("task-")]
+        stories: dict[str, list[dict]] = {}
+        for event in events:
+            stories.setdefault(event["uuid"], []).append(event)
+        found = {}
+        for uuid, story in stories.items():
+            balance: Counter = Counter()
+            for event in story:
+                if event["type"] in ("task-received", "task-started"):
+                    balance[event.get("hostname")] += 1 if event["type"] == "task-received" else -1
+                if balance[event.get("hostname")] < 0:
+                    found[uuid] = [
+                        (e["type"], e.get("hostname"), e.get("retries"), e.get("clock"))
+                        for e in story
+                    ]
+                    break
+        return found
+
     def close(self) -> None:
         self.receiver.should_stop = True
         self.thread.join(5)
@@ -163,6 +186,11 @@ def test_the_exporter_counts_what_celerys_own_receiver_counts(
         ) from None
     scrape = exporter.scrape()
     assert scrape.series("celery_exporter_duplicate_events_total", "type") == {}
-    assert scrape.series("celery_exporter_unmeasured_durations_total", "metric", "reason") == {}
+    # Seen once in CI on RabbitMQ (queue_wait, unplaced: 1) and not reproduced: the message
+    # says what the Receiver saw of such tasks, should it happen again.
+    unmeasured = scrape.series("celery_exporter_unmeasured_durations_total", "metric", "reason")
+    assert unmeasured == {}, (
+        f"{unmeasured}; started before received: {reference.started_before_received()}"
+    )
     started = sum(n for (_, kind), n in truth.items() if kind == "task-started")
     print(f"\n{broker_url.split(':')[0]}: {sum(truth.values())} task events, {started} started")
