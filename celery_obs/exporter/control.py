@@ -29,7 +29,7 @@ from . import redis_link
 from .consumer import BrokerStatus
 from .outages import OutageLog
 from .redis_link import RedisSettings
-from .transports import connect_once
+from .transports import CONTROL_EXCHANGE, connect_once
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def pidbox_message(command: str, clock: int, now: float) -> bytes:
         "headers": {"clock": clock, "expires": now + BROADCAST_TTL},
         "properties": {
             "delivery_mode": 2,
-            "delivery_info": {"exchange": redis_link.CONTROL_EXCHANGE, "routing_key": ""},
+            "delivery_info": {"exchange": CONTROL_EXCHANGE, "routing_key": ""},
             "priority": 0,
             "body_encoding": "base64",
             "delivery_tag": str(uuid.uuid4()),
@@ -110,7 +110,7 @@ class KombuBroadcaster:
         self._lamport = itertools.count(1)  # the Mailbox's own clock, as for Redis
         # kombu.pidbox.Mailbox._get_exchange("celery", "fanout"), declared by every worker.
         self._exchange = Exchange(
-            redis_link.CONTROL_EXCHANGE, type="fanout", durable=False, delivery_mode="transient"
+            CONTROL_EXCHANGE, type="fanout", durable=False, delivery_mode="transient"
         )
 
     def broadcast(self, commands: list[str]) -> None:

@@ -28,13 +28,10 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from kombu import Connection
 from kombu.utils.url import parse_url
 
-from .transports import driver_of, driver_of_alias
+from .transports import CONTROL_EXCHANGE, EVENT_EXCHANGE, driver_of, driver_of_alias
 
 log = logging.getLogger(__name__)
 
-EVENT_EXCHANGE = "celeryev"
-#: The exchange of Celery's remote control (its default `control_exchange` plus ".pidbox").
-CONTROL_EXCHANGE = "celery.pidbox"
 _DEFAULT_PORT = 6379
 
 

@@ -1,4 +1,5 @@
-"""Which of kombu's transports a connection uses, without importing the transport's module.
+"""Which of kombu's transports a connection uses, without importing the transport's module;
+and the exchanges Celery uses on it, without importing Celery.
 
 kombu loads a transport's module the first time `connection.transport` is read, and its Redis
 module imports redis-py: about 10 MB of resident memory (16 MB where redis-py also finds
@@ -13,7 +14,9 @@ from kombu import Connection, Exchange
 from kombu.transport import TRANSPORT_ALIASES
 
 #: The exchange Celery publishes events to (celery.events.event.EVENT_EXCHANGE_NAME).
-EVENT_EXCHANGE_NAME = "celeryev"
+EVENT_EXCHANGE = "celeryev"
+#: The exchange of Celery's remote control (its default `control_exchange` plus ".pidbox").
+CONTROL_EXCHANGE = "celery.pidbox"
 #: Transports on which Celery declares it as a fanout exchange instead of a topic one.
 _FANOUT_DRIVERS = frozenset({"redis", "gcpubsub"})
 
@@ -46,4 +49,4 @@ def event_exchange(connection: Connection) -> Exchange:
     connection (a test holds the two together). Importing celery.events for it would load
     Celery's app machinery, ~5 MB of resident memory the exporter has no other use for."""
     kind = "fanout" if driver_of(connection) in _FANOUT_DRIVERS else "topic"
-    return Exchange(EVENT_EXCHANGE_NAME, type=kind)
+    return Exchange(EVENT_EXCHANGE, type=kind)
