@@ -38,10 +38,19 @@ def driver_of_alias(alias: str) -> str | None:
 
 def connect_once(connection: Connection) -> None:
     """Connect, trying each server of a failover list (`amqp://a;amqp://b;amqp://c`) once, in
-    order, without sleeping: kombu switches to the next server on each retry, so a fixed
-    `max_retries` stopped short of a list's third server. Waiting between rounds is the
-    caller's (its backoff, its interval)."""
-    connection.ensure_connection(max_retries=max(len(connection.alt), 1) - 1)
+    order, without sleeping; the last server's error is raised. kombu's own retries stopped
+    short: a fixed `max_retries` never reached a list's third server, and a server that
+    refuses the login (a wrong password or a missing vhost on that one) ended the attempt
+    without trying the next. Waiting between attempts is the caller's (its backoff)."""
+    servers = max(len(connection.alt), 1)
+    for server in range(servers):
+        try:
+            connection.ensure_connection(max_retries=0)
+            return
+        except Exception:
+            if server == servers - 1:
+                raise
+            connection.maybe_switch_next()
 
 
 def event_exchange(connection: Connection) -> Exchange:

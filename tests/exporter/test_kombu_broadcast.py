@@ -94,6 +94,22 @@ def test_a_broadcast_tries_every_server_of_a_failover_list(rabbit: RabbitVhost) 
     assert (status.broadcast_errors, methods) == (0, ["heartbeat", "enable_events"])
 
 
+def test_a_broadcast_goes_on_past_a_server_that_refuses_the_login(rabbit: RabbitVhost) -> None:
+    # kombu fails over only on errors it deems recoverable: a refused login ended the round.
+    status = BrokerStatus()
+    control = WorkerControl(
+        lambda: Connection(f"{rabbit.url(password='wrong')};{rabbit.url()}"),
+        enable_events=True,
+        interval=3600,
+        status=status,
+    )
+    with Connection(rabbit.url()) as connection:
+        heard = listening(connection)
+        control.broadcast_once()
+        assert wait_for(lambda: heard.get(no_ack=True), 10, "a broadcast") is not None
+    assert status.broadcast_errors == 0
+
+
 def test_a_broker_that_stops_answering_fails_the_round(rabbit: RabbitVhost) -> None:
     # Logged in, then silence (or RabbitMQ no longer reading from a publisher, as under a
     # memory alarm): the round's connection has read and write timeouts, so the round fails
